@@ -1,0 +1,205 @@
+"""Loading a base model: the embedded ``tiny`` base or a local diffusers folder. Never a hub.
+
+A :class:`BaseModel` holds the components as separate modules (UNet, VAE, text encoder, tokenizer) plus the
+noise-scheduler config; trainers adapt whichever parts they need and the sampler runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.errors import TunerError
+from tuner.models.families import SD15, TINY, Family
+
+DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model.
+
+    ``vae_scale_factor``: pixels per latent cell (8 for SD, 4 for tiny). ``latent_scale``: the VAE's
+    ``scaling_factor``; the UNet sees ``latent_dist.sample() * latent_scale``.
+    """
+
+    family: Family
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    source: str
+    is_random: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def text_encoders(self) -> dict[str, Any]:
+        return {"text_encoder": self.text_encoder}
+
+    def to(self, device: torch.device | str) -> BaseModel:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and " " not in spec
+
+
+def load_base(spec: str, *, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load ``tiny`` or a local diffusers folder of the SD1.x layout, on the CPU.
+
+    Raises :class:`TunerError` within seconds for a hub id, a missing path, a single-file checkpoint (not
+    supported yet) or a folder missing a component, saying what to pass instead.
+    """
+    if spec == "tiny":
+        return _load_tiny(dtype)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        hint = (
+            f"'{spec}' looks like a model hub id, but tuner never downloads anything. Download it on a "
+            f"machine with access (e.g. `huggingface-cli download {spec} --local-dir DIR`) and pass "
+            "--base DIR, or use --base tiny (the embedded base)."
+            if _looks_like_hub_id(spec)
+            else f"base model path '{spec}' does not exist. Pass --base tiny (the embedded base) or the path "
+            "of a local diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        )
+        raise TunerError(hint)
+    if path.is_file():
+        raise TunerError(
+            f"'{spec}' is a single file. Single-file checkpoints are not supported yet: pass a diffusers folder "
+            "(with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or --base tiny."
+        )
+    return _load_diffusers_folder(path, dtype)
+
+
+def _load_tiny(dtype: torch.dtype) -> BaseModel:
+    from tuner.models.tiny import build_tiny_components
+
+    parts = build_tiny_components()
+    base = BaseModel(
+        family=TINY,
+        unet=_cast(parts["unet"], dtype),
+        vae=_cast(parts["vae"], dtype),
+        text_encoder=_cast(parts["text_encoder"], dtype),
+        tokenizer=parts["tokenizer"],
+        scheduler_config=parts["scheduler_config"],
+        source="tiny",
+        is_random=True,
+        notes=["the embedded tiny base is RANDOMLY INITIALISED (a stand-in until the pretrained one lands): "
+               "images will be noise-like; this shows the workflow, not quality"],
+    )
+    return base
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
+    missing = [c for c in DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise TunerError(
+            f"'{path}' is not a diffusers SD1.x folder: missing {', '.join(m + '/' for m in missing)}. "
+            "Expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as written by "
+            "StableDiffusionPipeline.save_pretrained or `tuner export-base`)."
+        )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet_cfg = _read_json(path / "unet" / "config.json")
+    cross_dim = unet_cfg.get("cross_attention_dim")
+    if unet_cfg.get("addition_embed_type") == "text_time" or cross_dim == 2048:
+        raise TunerError(f"'{path}' is an SDXL model; SDXL bases are not supported yet (only SD1.x layouts).")
+    if cross_dim == 1024:
+        raise TunerError(f"'{path}' is an SD2.x model; SD2.x bases are not supported yet (only SD1.x layouts).")
+    family = {768: SD15, TINY.cross_attention_dim: TINY}.get(cross_dim)
+    if family is None:
+        raise TunerError(
+            f"'{path}': unet cross_attention_dim {cross_dim!r} matches no known family "
+            "(768 = SD1.x, 128 = tuner tiny)."
+        )
+    try:
+        kw: dict[str, Any] = {"local_files_only": True, "torch_dtype": dtype}
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TunerError(f"could not load the diffusers folder '{path}': {exc}") from exc
+    sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+    sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
+    return BaseModel(
+        family=family,
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler_config=sched_cfg,
+        source=str(path),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunerError(f"missing file '{path}' in the diffusers folder") from None
+    except json.JSONDecodeError as exc:
+        raise TunerError(f"'{path}' is not valid JSON: {exc}") from None
+
+
+def export_base(base: BaseModel, out_dir: str | Path) -> Path:
+    """Write ``base`` as a standard diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads.
+
+    Written into a temporary sibling folder and renamed into place, so a crash never leaves a half folder.
+    An existing non-empty ``out_dir`` is refused rather than overwritten.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise TunerError(f"output folder '{out}' exists and is not empty; pass a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scheduler = DDIMScheduler.from_config(base.scheduler_config)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _cast(module: Any, dtype: torch.dtype) -> Any:
+    return module if dtype == torch.float32 else module.to(dtype)

@@ -1,0 +1,54 @@
+"""Optimizers and learning-rate schedules, built from plain arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tuner.errors import TunerError
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULES = ("constant", "cosine")
+
+
+def build_optimizer(
+    name: str,
+    param_groups: Sequence[dict[str, Any]],
+    *,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+) -> torch.optim.Optimizer:
+    """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes: 8-bit optimizer states, ~1/4 of AdamW's memory).
+
+    Each group carries its own ``lr`` (UNet and text encoder can differ).
+    """
+    kwargs = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, **kwargs)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise TunerError(
+                "optimizer 'adamw8bit' needs bitsandbytes: `pip install bitsandbytes` "
+                "(or `pip install 'tuner-diffusion[bnb]'`), or set optim.optimizer = \"adamw\""
+            ) from exc
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    raise TunerError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, name: str, *, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup over ``warmup_steps``, then constant or cosine decay to 0 at ``total_steps``."""
+    from diffusers.optimization import get_scheduler
+
+    if name not in SCHEDULES:
+        raise TunerError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    diffusers_name = "constant_with_warmup" if name == "constant" else "cosine"
+    return get_scheduler(
+        diffusers_name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+    )

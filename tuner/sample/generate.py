@@ -1,0 +1,96 @@
+"""``tuner sample``: a base plus any number of LoRA files, merged (default) or as live layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuner.adapters.lora import attach_lora_file, candidate_keys, check_shapes, merge_lora
+from tuner.adapters.types import LoraWeights
+from tuner.errors import TunerError
+from tuner.formats.kohya import kohya_name_table
+from tuner.formats.lorafile import load_lora
+from tuner.models.base import BaseModel
+from tuner.sample.png import infotext, save_png
+from tuner.sample.sampler import SampleSettings, grid, sample_images
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``FILE`` or ``FILE:SCALE`` (the part after the last ``:`` is a scale only if it is a number)."""
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                return cls(Path(head), float(tail))
+            except ValueError:
+                pass
+        return cls(Path(text), 1.0)
+
+
+@dataclass
+class LoadedLora:
+    spec: LoraSpec
+    weights: LoraWeights
+    name: str
+    short_hash: str
+
+
+def load_loras_for(base: BaseModel, specs: Sequence[LoraSpec], *, lenient: bool = False) -> list[LoadedLora]:
+    """Read each file (kohya, diffusers/PEFT), check it fits ``base``; never touches the model."""
+    models = {"unet": base.unet, **base.text_encoders}
+    table = kohya_name_table(base.family, candidate_keys(models))
+    loaded = []
+    for spec in specs:
+        if not spec.path.is_file():
+            raise TunerError(f"LoRA file '{spec.path}' does not exist")
+        weights = load_lora(spec.path, name_table=table, lenient=lenient)
+        check_shapes(models, weights, base.family.name)
+        digest = weights.metadata.get("sshs_model_hash", "")
+        loaded.append(LoadedLora(spec, weights, weights.metadata.get("ss_output_name") or spec.path.stem, digest[:12]))
+    return loaded
+
+
+def apply_loras(base: BaseModel, loras: Sequence[LoadedLora], *, merge: bool = True) -> None:
+    """Merge each LoRA into the weights (scale included) or attach it as live layers."""
+    models = {"unet": base.unet, **base.text_encoders}
+    for i, lora in enumerate(loras):
+        if merge:
+            merge_lora(models, lora.weights, lora.spec.scale)
+        else:
+            attach_lora_file(models, lora.weights, adapter_name=f"lora{i}", multiplier=lora.spec.scale)
+
+
+def generate(
+    base: BaseModel,
+    loras: Sequence[LoadedLora],
+    *,
+    prompt: str,
+    count: int,
+    seed: int,
+    settings: SampleSettings,
+    out_dir: Path,
+    stem: str = "sample",
+) -> list[Path]:
+    """Write ``count`` PNGs (seeds ``seed .. seed+count-1``) with A1111 ``parameters`` chunks, plus a grid
+    when ``count > 1``. Returns the paths."""
+    seeds = [seed + i for i in range(count)]
+    images = sample_images(base, [prompt] * count, seeds, settings)
+    width = settings.width or base.family.resolution
+    height = settings.height or base.family.resolution
+    lora_info = [(lo.name, lo.spec.scale, lo.short_hash) for lo in loras]
+    paths = []
+    for s, image in zip(seeds, images):
+        text = infotext(
+            prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
+            cfg=settings.cfg, seed=s, width=width, height=height, loras=lora_info,
+        )
+        paths.append(save_png(image, out_dir / f"{stem}_{s}.png", parameters=text))
+    if count > 1:
+        paths.append(save_png(grid(images), out_dir / f"{stem}_grid.png"))
+    return paths

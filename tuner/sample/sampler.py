@@ -1,0 +1,109 @@
+"""The built-in sampler (CLI ``tuner sample`` and training previews).
+
+Same maths as diffusers' ``StableDiffusionPipeline`` (classifier-free guidance with ``[uncond, cond]``
+batches, initial noise ``randn(generator) * init_noise_sigma`` on the CPU, output ``(x / 2 + 0.5).clamp(0, 1)``
+rounded to uint8), so with the same scheduler, seed, steps and CFG the two give the same image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tuner.models.base import BaseModel
+from tuner.models.prompts import encode_prompts
+
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
+
+
+def make_scheduler(name: str, scheduler_config: dict):
+    """A diffusers inference scheduler for ``name``, built from the base's scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    classes = {
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "euler_a": EulerAncestralDiscreteScheduler,
+        "dpmpp_2m": DPMSolverMultistepScheduler,
+    }
+    if name not in classes:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return classes[name].from_config(scheduler_config)
+
+
+@dataclass
+class SampleSettings:
+    steps: int = 25
+    cfg: float = 5.0
+    sampler: str = "ddim"
+    width: int = 0
+    """0 = the family's native resolution."""
+    height: int = 0
+    negative: str = ""
+
+
+@torch.no_grad()
+def sample_images(
+    base: BaseModel, prompts: Sequence[str], seeds: Sequence[int], settings: SampleSettings
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, generated one at a time (memory stays flat on small machines)."""
+    if len(prompts) != len(seeds):
+        raise ValueError("prompts and seeds must have the same length")
+    width = settings.width or base.family.resolution
+    height = settings.height or base.family.resolution
+    f = base.vae_scale_factor
+    if width % f or height % f:
+        raise ValueError(f"image size {width}x{height} must be a multiple of {f} for this base")
+    unet, vae = base.unet, base.vae
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    guided = settings.cfg > 1.0
+    uncond = encode_prompts(base.text_encoder, base.tokenizer, [settings.negative]) if guided else None
+    images = []
+    for prompt, seed in zip(prompts, seeds):
+        scheduler = make_scheduler(settings.sampler, base.scheduler_config)
+        scheduler.set_timesteps(settings.steps, device=device)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        shape = (1, unet.config.in_channels, height // f, width // f)
+        latents = torch.randn(shape, generator=generator, dtype=dtype).to(device) * scheduler.init_noise_sigma
+        cond = encode_prompts(base.text_encoder, base.tokenizer, [prompt]).to(dtype)
+        context = torch.cat([uncond.to(dtype), cond]) if guided else cond
+        for t in scheduler.timesteps:
+            x = torch.cat([latents] * 2) if guided else latents
+            x = scheduler.scale_model_input(x, t)
+            pred = unet(x, t, encoder_hidden_states=context).sample
+            if guided:
+                pred_uncond, pred_cond = pred.chunk(2)
+                pred = pred_uncond + settings.cfg * (pred_cond - pred_uncond)
+            latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+        vae_device = next(vae.parameters()).device  # the VAE may sit on the CPU after latent caching
+        decoded = vae.decode((latents / base.latent_scale).to(vae_device, vae.dtype)).sample
+        images.append(to_pil(decoded[0]))
+    return images
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``[3, H, W]`` in [-1, 1] -> RGB PIL image, rounded like diffusers' image processor."""
+    arr = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((arr * 255).round().astype(np.uint8))
+
+
+def grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Images of one size tiled in rows of ``cols`` (default: near-square)."""
+    if not images:
+        raise ValueError("no images to tile")
+    cols = cols or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    w, h = images[0].size
+    canvas = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
+    for i, img in enumerate(images):
+        canvas.paste(img, ((i % cols) * w, (i // cols) * h))
+    return canvas

@@ -1,0 +1,121 @@
+"""The training loop, shared by every method. Reads top to bottom: batch, loss, backward (accumulated),
+clip, step, log, preview, checkpoint; export at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tuner.train.batches import batch_at, cache_latent_moments, latents_for, prompt_embeds_for
+from tuner.train.checkpoint import CheckpointState, save_checkpoint
+from tuner.train.export import export_adapter, write_preview
+from tuner.train.objective import add_noise, diffusion_loss, target_for
+from tuner.train.setup import Run
+
+
+@dataclass
+class TrainResult:
+    outputs: list[Path]
+    final_loss: float
+    seconds: float
+    steps: int
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of every random draw in optimizer step ``step`` (noise, timesteps, VAE sampling, dropout)."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def compute_loss(run: Run, micro_step: int, generator: torch.Generator) -> torch.Tensor:
+    """Mean diffusion loss of one micro-batch (scalar, fp32)."""
+    cfg, base = run.recipe.train, run.base
+    batch = batch_at(run.dataset, micro_step, cfg.batch_size)
+    latents = latents_for(
+        batch, vae=base.vae, latent_scale=base.latent_scale, generator=generator,
+        cache=run.latent_cache, device=run.device,
+    )
+    noisy, noise, timesteps = add_noise(latents, run.noise_scheduler, generator, noise_offset=cfg.noise_offset)
+    target = target_for(base.prediction_type, latents, noise, timesteps, run.noise_scheduler)
+    embeds = prompt_embeds_for(
+        batch.captions, text_encoder=base.text_encoder, tokenizer=base.tokenizer, cache=run.prompt_cache
+    )
+    with run.accelerator.autocast():
+        pred = base.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+    loss = diffusion_loss(
+        pred, target, timesteps, run.noise_scheduler,
+        prediction_type=base.prediction_type, min_snr_gamma=cfg.min_snr_gamma,
+    )
+    return loss.mean()
+
+
+def prepare_caches(run: Run, log=print) -> None:
+    """Cache latents (frozen VAE) and prompt embeds (frozen text encoder) when the recipe asks for it."""
+    cfg = run.recipe.train
+    if cfg.cache_latents:
+        run.latent_cache = cache_latent_moments(run.dataset, run.base.vae, run.recipe.data.flip, run.device)
+        run.base.vae.to("cpu")  # only previews need it now, and they decode on the CPU
+        log(f"cached latents of {len(run.latent_cache)} image views; VAE moved off the training device")
+    if cfg.cache_prompts and "text_encoder" not in run.trained:
+        run.prompt_cache = {}
+
+
+def save(run: Run, step: int) -> Path:
+    state = CheckpointState(
+        step=step,
+        trainable={
+            f"{c}.{n}": p.detach().cpu().clone()
+            for c, m in run.trained.items()
+            for n, p in m.named_parameters()
+            if p.requires_grad
+        },
+        optimizer=run.optimizer.state_dict(),
+        lr_scheduler=run.lr_scheduler.state_dict(),
+        history=run.history,
+        recipe_toml=run.recipe_toml,
+    )
+    return save_checkpoint(run.out_dir / "checkpoints", state, keep=run.recipe.train.keep_checkpoints)
+
+
+def train(run: Run, log=print) -> TrainResult:
+    """Train from ``run.start_step`` to ``recipe.train.steps``; returns the exported files."""
+    cfg, preview = run.recipe.train, run.recipe.preview
+    log(f"step arithmetic: {run.arithmetic.describe()}")
+    prepare_caches(run, log)
+    for module in run.trained.values():
+        module.train()
+    started = time.perf_counter()
+    step = run.start_step
+    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    while step < cfg.steps:
+        generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+        torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout uses the global generator
+        loss_sum = 0.0
+        for micro in range(cfg.gradient_accumulation):
+            loss = compute_loss(run, step * cfg.gradient_accumulation + micro, generator)
+            run.accelerator.backward(loss / cfg.gradient_accumulation)
+            loss_sum += loss.item() / cfg.gradient_accumulation
+        if cfg.max_grad_norm > 0:
+            run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        lr = run.lr_scheduler.get_last_lr()[0]
+        run.history["loss"].append(loss_sum)
+        run.history["lr"].append(lr)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+        bar.update()
+        if preview.every and step % preview.every == 0:
+            write_preview(run, step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save(run, step)
+    bar.close()
+    save(run, step)
+    outputs = export_adapter(run)
+    seconds = time.perf_counter() - started
+    final = sum(run.history["loss"][-10:]) / max(1, len(run.history["loss"][-10:]))
+    return TrainResult(outputs=outputs, final_loss=final, seconds=seconds, steps=step)

@@ -1,0 +1,64 @@
+"""The diffusion training objective: noise, timesteps, targets, min-SNR weighting.
+
+Latents enter already scaled (``latent_dist.sample() * latent_scale``). Timesteps are int64 in
+``[0, num_train_timesteps)``. Every random draw takes an explicit generator, so a step is reproducible from
+``(seed, step)`` alone (exact resume without saved RNG state).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def add_noise(
+    latents: torch.Tensor,
+    noise_scheduler,
+    generator: torch.Generator,
+    *,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(noisy_latents, noise, timesteps)``. ``noise_offset`` adds per-channel constant noise
+    (lets the model learn very dark/bright images)."""
+    b, c = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator).to(latents)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
+    return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def target_for(prediction_type: str, latents, noise, timesteps, noise_scheduler) -> torch.Tensor:
+    """What the UNet must predict: the noise (``epsilon``) or the velocity (``v_prediction``)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler,
+    *,
+    prediction_type: str,
+    min_snr_gamma: float = 0.0,
+) -> torch.Tensor:
+    """Per-sample MSE ``[B]`` in fp32, weighted by min-SNR-gamma when ``min_snr_gamma > 0``
+    (Hang et al. 2023: weight ``min(snr, gamma) / snr`` for epsilon, ``/ (snr + 1)`` for v)."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    if min_snr_gamma > 0:
+        s = snr(noise_scheduler, timesteps)
+        clipped = torch.clamp(s, max=min_snr_gamma)
+        weight = clipped / (s + 1.0) if prediction_type == "v_prediction" else clipped / s
+        loss = loss * weight
+    return loss

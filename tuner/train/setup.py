@@ -1,0 +1,211 @@
+"""All wiring for a training run in one place: recipe -> base, adapter, data, optimizer -> :class:`Run`.
+
+The loop (``tuner.train.loop``) only reads the run; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuner.config.load import recipe_hash, recipe_to_toml
+from tuner.config.schema import Recipe
+from tuner.data.dataset import TrainDataset
+from tuner.data.folder import DatasetIndex, scan_dataset
+from tuner.errors import TunerError
+from tuner.models.base import BaseModel, load_base
+from tuner.optim.optimizers import build_optimizer, build_schedule
+from tuner.train.methods import METHODS, AdapterSettings, Method
+
+
+@dataclass(frozen=True)
+class StepArithmetic:
+    images: int
+    samples_per_epoch: int
+    batch_size: int
+    accumulation: int
+    steps: int
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.samples_per_epoch / self.samples_per_step
+
+    @property
+    def epochs(self) -> float:
+        return self.steps * self.samples_per_step / self.samples_per_epoch
+
+    def describe(self) -> str:
+        return (
+            f"{self.images} images -> {self.samples_per_epoch} samples per epoch (with repeats); "
+            f"batch {self.batch_size} x accumulation {self.accumulation} = {self.samples_per_step} samples "
+            f"per step -> {self.steps_per_epoch:.2f} steps per epoch; {self.steps} steps = {self.epochs:.2f} epochs"
+        )
+
+
+@dataclass
+class Run:
+    """Everything the loop needs. ``trained``: component name -> module with trainable parameters."""
+
+    recipe: Recipe
+    recipe_path: str | None
+    base: BaseModel
+    method: Method
+    adapter: AdapterSettings
+    trained: dict[str, nn.Module]
+    index: DatasetIndex
+    dataset: TrainDataset
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    noise_scheduler: Any
+    accelerator: Any
+    device: torch.device
+    out_dir: Path
+    arithmetic: StepArithmetic
+    start_step: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lr": []})
+    latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+    prompt_cache: dict[str, torch.Tensor] | None = None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def recipe_toml(self) -> str:
+        return recipe_to_toml(self.recipe)
+
+    @property
+    def recipe_hash(self) -> str:
+        return recipe_hash(self.recipe)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec != "auto":
+        try:
+            device = torch.device(spec)
+        except RuntimeError as exc:
+            raise TunerError(f"train.device = {spec!r} is not a device (use auto, cpu, cuda, cuda:1, mps)") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TunerError(f"train.device = {spec!r} but no CUDA device is available; use 'auto' or 'cpu'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def adapter_settings(recipe: Recipe) -> AdapterSettings:
+    a = recipe.adapter
+    return AdapterSettings(
+        targets=a.targets,
+        rank=a.rank,
+        alpha=a.alpha,
+        conv_rank=a.conv_rank,
+        conv_alpha=a.conv_alpha,
+        dropout=a.dropout,
+        train_text_encoder=a.train_text_encoder,
+        text_encoder_rank=a.text_encoder_rank,
+        text_encoder_alpha=a.text_encoder_alpha,
+    )
+
+
+def setup_run(recipe: Recipe, *, recipe_path: str | None = None, log=print) -> Run:
+    """Load the base, attach the adapter, index the data, build optimizer and schedules.
+
+    Fails fast (before loading any model) on a missing data folder or base path.
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    if not recipe.data.path:
+        raise TunerError("no training data: set data.path in the recipe or pass --data FOLDER")
+    index = scan_dataset(
+        recipe.data.path,
+        instance_prompt=recipe.data.instance_prompt,
+        default_repeats=recipe.data.repeats,
+        strict=recipe.data.strict,
+    )
+    for path, reason in index.skipped:
+        log(f"skipped {path}: {reason}")
+    base = load_base(recipe.model.base)
+    for note in base.notes:
+        log(f"NOTE: {note}")
+    resolution = recipe.data.resolution or base.family.resolution
+    if resolution % base.vae_scale_factor:
+        raise TunerError(
+            f"data.resolution = {resolution} must be a multiple of {base.vae_scale_factor} for this base"
+        )
+    dataset = TrainDataset(
+        index,
+        resolution=resolution,
+        center_crop=recipe.data.center_crop,
+        flip=recipe.data.flip,
+        caption_dropout=recipe.data.caption_dropout,
+        shuffle_tags=recipe.data.shuffle_tags,
+        keep_tags=recipe.data.keep_tags,
+        seed=recipe.train.seed,
+    )
+    method = METHODS[recipe.adapter.method]
+    settings = adapter_settings(recipe)
+    torch.manual_seed(recipe.train.seed)  # adapter init (kaiming) is reproducible
+    trained = method.attach(base, settings)
+    if recipe.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if "text_encoder" in trained:
+            base.text_encoder.gradient_checkpointing_enable()
+    device = pick_device(recipe.train.device)
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        cpu=device.type == "cpu",
+    )
+    base.to(device)
+    opt = recipe.optim
+    groups = []
+    for component, module in trained.items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        lr = opt.text_encoder_lr if component.startswith("text_encoder") and opt.text_encoder_lr else opt.learning_rate
+        groups.append({"params": params, "lr": lr, "name": component})
+    optimizer = build_optimizer(opt.optimizer, groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    lr_scheduler = build_schedule(
+        optimizer, opt.schedule, warmup_steps=opt.warmup_steps, total_steps=recipe.train.steps
+    )
+    for component in list(trained):
+        trained[component] = accelerator.prepare(trained[component])
+    optimizer = accelerator.prepare(optimizer)
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    arithmetic = StepArithmetic(
+        images=index.num_images,
+        samples_per_epoch=index.samples_per_epoch,
+        batch_size=recipe.train.batch_size,
+        accumulation=recipe.train.gradient_accumulation,
+        steps=recipe.train.steps,
+    )
+    if arithmetic.samples_per_epoch < 1 or not math.isfinite(arithmetic.epochs):
+        raise TunerError("the dataset has no samples")
+    return Run(
+        recipe=recipe,
+        recipe_path=recipe_path,
+        base=base,
+        method=method,
+        adapter=settings,
+        trained=trained,
+        index=index,
+        dataset=dataset,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        noise_scheduler=noise_scheduler,
+        accelerator=accelerator,
+        device=device,
+        out_dir=Path(recipe.output.dir),
+        arithmetic=arithmetic,
+    )
