@@ -9,6 +9,7 @@ sets, canonical module keys for export, and exact merging of files from other to
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -125,7 +126,9 @@ def attach_lora(
         alpha_pattern={f"^{re.escape(n)}$": a for n, (_, a) in plan.items() if a != base_alpha},
         init_lora_weights=True,
     )
-    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # a second adapter in one model is intended (several files, unmerged)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
     return model
 
 
@@ -166,7 +169,8 @@ def candidate_keys(models: Mapping[str, nn.Module]) -> list[str]:
     keys = []
     for component, model in models.items():
         for name, m in model.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and ".lora_" not in name and ".base_layer" not in name:
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and ".lora_" not in name:
+                name = name.removesuffix(".base_layer")  # a layer already wrapped by peft
                 keys.append(f"{component}:{canonical_path(component, name)}")
     return keys
 

@@ -21,8 +21,7 @@ def batch_at(dataset: TrainDataset, micro_step: int, batch_size: int) -> Batch:
         epoch, offset = divmod(pos, n)
         if epoch not in orders:
             orders[epoch] = dataset.epoch_order(epoch)
-        dataset.set_epoch(epoch)
-        examples.append(dataset[orders[epoch][offset]])
+        examples.append(dataset.get(orders[epoch][offset], epoch))
     return collate(examples)
 
 

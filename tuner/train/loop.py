@@ -119,3 +119,45 @@ def train(run: Run, log=print) -> TrainResult:
     seconds = time.perf_counter() - started
     final = sum(run.history["loss"][-10:]) / max(1, len(run.history["loss"][-10:]))
     return TrainResult(outputs=outputs, final_loss=final, seconds=seconds, steps=step)
+
+
+def restore(run: Run, checkpoint: Path, log=print) -> None:
+    """Load a checkpoint into ``run``: trainable tensors, optimizer and LR-schedule state, step, history.
+
+    Refuses a checkpoint made by a recipe whose model, data or adapter settings differ (they would not fit
+    or would silently train something else); schedule length, previews and checkpoint cadence may change.
+    """
+    import tomllib
+
+    from tuner.errors import TunerError
+    from tuner.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    if state.recipe_toml:
+        saved = tomllib.loads(state.recipe_toml)
+        current = tomllib.loads(run.recipe_toml)
+        differ = [
+            f"{table}.{key}: checkpoint {saved[table].get(key)!r}, now {value!r}"
+            for table in ("model", "adapter", "data")
+            for key, value in current[table].items()
+            if saved.get(table, {}).get(key) != value and key not in ("strict", "path")
+        ]
+        if differ:
+            raise TunerError(
+                f"checkpoint '{checkpoint}' was made with different settings:\n  " + "\n  ".join(differ)
+                + "\nResume with the same recipe, or start a new run in another output folder."
+            )
+    params = {
+        f"{c}.{n}": p for c, m in run.trained.items() for n, p in m.named_parameters() if p.requires_grad
+    }
+    missing = sorted(set(params) - set(state.trainable))
+    if missing:
+        raise TunerError(f"checkpoint '{checkpoint}' lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state.trainable[name].to(p.dtype))
+    run.optimizer.load_state_dict(state.optimizer)
+    run.lr_scheduler.load_state_dict(state.lr_scheduler)
+    run.start_step = state.step
+    run.history = {k: list(v) for k, v in state.history.items()} or run.history
+    log(f"resumed from {checkpoint} at step {state.step}")

@@ -1,0 +1,177 @@
+"""The ``tuner`` command: thin subcommands over library functions (STYLE.md #15)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from tuner import __version__
+from tuner.errors import TunerError
+
+
+def _quiet_libraries() -> None:
+    """Nothing here ever downloads; and the libraries' info chatter hides our own output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tuner.config.load import load_recipe
+    from tuner.train.checkpoint import find_checkpoint
+    from tuner.train.loop import restore, train
+    from tuner.train.setup import setup_run
+
+    shortcuts = {
+        "model.base": args.base,
+        "data.path": args.data,
+        "output.dir": args.output,
+        "train.steps": args.steps,
+        "train.seed": args.seed,
+        "data.resolution": args.resolution,
+        "train.batch_size": args.batch_size,
+        "adapter.rank": args.rank,
+        "train.checkpoint_every": args.checkpoint_every,
+        "data.strict": True if args.strict else None,
+    }
+    recipe = load_recipe(args.recipe, args.set or (), shortcuts)
+    run = setup_run(recipe, recipe_path=args.recipe)
+    if args.resume:
+        restore(run, find_checkpoint(args.resume, run.out_dir))
+    result = train(run)
+    print(f"done: {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}")
+    for path in result.outputs:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from tuner.models.base import load_base
+    from tuner.sample.generate import LoraSpec, apply_loras, generate, load_loras_for
+    from tuner.sample.sampler import SampleSettings
+
+    base = load_base(args.base)
+    for note in base.notes:
+        print(f"NOTE: {note}")
+    width = height = 0
+    if args.size:
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise TunerError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 512x512") from None
+    loras = load_loras_for(base, [LoraSpec.parse(s) for s in args.lora or ()], lenient=args.lenient)
+    apply_loras(base, loras, merge=not args.no_merge)
+    settings = SampleSettings(
+        steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=width, height=height, negative=args.negative
+    )
+    paths = generate(
+        base, loras, prompt=args.prompt, count=args.n, seed=args.seed, settings=settings, out_dir=Path(args.out)
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tuner.formats.inspect import format_inspection, inspect_file
+
+    info = inspect_file(args.file)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_export_base(args: argparse.Namespace) -> int:
+    from tuner.models.base import export_base, load_base
+
+    base = load_base(args.base)
+    out = export_base(base, args.out)
+    print(f"wrote diffusers folder {out} (load it with StableDiffusionPipeline.from_pretrained)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tuner.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuner", description="Personalize latent diffusion models.")
+    parser.add_argument("--version", action="version", version=f"tuner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an adapter from a recipe")
+    p.add_argument("recipe", help="recipe file (.toml or .yaml), e.g. recipes/tiny/lora.toml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--base", help="'tiny' or a local diffusers folder (model.base)")
+    p.add_argument("--data", help="training image folder (data.path)")
+    p.add_argument("--output", help="output folder (output.dir)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--seed", type=int, help="random seed (train.seed)")
+    p.add_argument("--resolution", type=int, help="training resolution in px (data.resolution)")
+    p.add_argument("--batch-size", type=int, help="batch size (train.batch_size)")
+    p.add_argument("--rank", type=int, help="LoRA rank (adapter.rank)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (train.checkpoint_every)")
+    p.add_argument("--resume", metavar="CKPT|latest", help="resume from a checkpoint folder, or the newest one")
+    p.add_argument("--strict", action="store_true", help="unreadable images are errors, not skips")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images, optionally with LoRAs")
+    p.add_argument("--base", default="tiny", help="'tiny' or a local diffusers folder")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA file and scale (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("-n", type=int, default=1, help="number of images (seeds SEED..SEED+n-1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", choices=("ddim", "euler", "euler_a", "dpmpp_2m"), default="ddim")
+    p.add_argument("--size", metavar="WxH", help="image size (default: the base's native size)")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--no-merge", action="store_true", help="keep LoRAs as separate layers instead of merging")
+    p.add_argument("--lenient", action="store_true", help="ignore (and count) unknown keys in LoRA files")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("inspect", help="describe an adapter file")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export-base", help="write a base model as a diffusers folder")
+    p.add_argument("base", help="'tiny' or a local diffusers folder")
+    p.add_argument("--out", required=True, help="new output folder")
+    p.set_defaults(func=cmd_export_base)
+
+    p = sub.add_parser("demo", help="the main job on the embedded base: train a subject LoRA, sample before/after")
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TunerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

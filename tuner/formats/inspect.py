@@ -1,0 +1,217 @@
+"""Describe an adapter file: format, family, targets, rank/alpha, metadata and whether its hash is right.
+
+Works from the header; it reads only the alpha scalars and streams the tensor bytes once to recompute
+``sshs_model_hash`` (the SHA-256 of everything after the header, FORMATS.md §2.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import FormatError
+from tuner.formats.common import decode_metadata
+from tuner.formats.detect import EMBEDDING_FORMATS, KOHYA_FORMATS, PEFT_FORMATS, detect_family, detect_format
+from tuner.formats.io import TensorInfo, data_offset, read_header, read_tensors
+from tuner.formats.peft import parse_key
+
+METHODS = {
+    "kohya": "lora",
+    "kohya-locon": "locon",
+    "kohya-bundle": "lora+embedding",
+    "peft": "lora",
+    "diffusers-old": "lora",
+    "diffusers-attn-processor": "lora",
+    "embedding-kohya": "embedding",
+    "embedding-sdxl": "embedding",
+    "embedding-diffusers": "embedding",
+    "lycoris-loha": "loha",
+    "lycoris-lokr": "lokr",
+    "dora": "dora",
+}
+
+_KOHYA_TE = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+_BLOCK = re.compile(r"^(down_blocks|up_blocks|input_blocks|output_blocks)[._](\d+)|^(mid_block|middle_block)")
+# Leaf layer names, longest first so that ``ff_net_0_proj`` wins over ``proj``.
+_LAYERS = (
+    "ff_net_0_proj", "ff_net_2", "to_out_0", "to_q", "to_k", "to_v", "proj_in", "proj_out",
+    "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "time_emb_proj", "conv_shortcut", "conv1", "conv2",
+    "in_layers_2", "out_layers_3", "emb_layers_1", "skip_connection", "op", "conv",
+)  # fmt: skip
+
+
+def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A description of the adapter file at ``path`` (a :class:`FormatError` if it is no valid safetensors).
+
+    Keys: ``path``, ``size_bytes``, ``format`` (``"unknown"`` plus ``problem`` when no format matches),
+    ``family`` (or None), ``method`` (lora, locon, embedding, loha, lokr, dora, ...), ``tensors``,
+    ``modules``, ``targets`` ({block: modules}, e.g. ``unet.down_blocks.0``, ``text_encoder``), ``layers``
+    ({leaf layer name: modules}), ``rank`` / ``alpha`` (single values, None when they vary or are unknown),
+    ``rank_alpha`` ({module: {"rank", "alpha"}} only when they vary), ``dtype`` (a name, or {name: count}),
+    ``embeddings`` ({key: shape} for embedding files), ``metadata`` (every entry, JSON values decoded) and
+    ``hashes`` (stored vs recomputed ``sshs_model_hash``, ``matches``: bool, or None when none is stored).
+    """
+    p = Path(path)
+    metadata, header = read_header(p)
+    shapes = {k: shape for k, (_, shape) in header.items()}
+    info: dict[str, Any] = {"path": str(p), "size_bytes": p.stat().st_size, "tensors": len(header)}
+    try:
+        fmt = detect_format(header, shapes)
+    except FormatError as exc:
+        fmt = "unknown"
+        info["problem"] = str(exc)
+    info["format"] = fmt
+    info["family"] = detect_family(metadata, shapes)
+    info["method"] = METHODS.get(fmt, "unknown")
+
+    modules = _modules(fmt, header)
+    info["modules"] = len(modules)
+    info["targets"] = dict(sorted(Counter(m["group"] for m in modules.values()).items()))
+    info["layers"] = dict(sorted(Counter(m["layer"] for m in modules.values()).items()))
+    _rank_alpha(p, header, modules, info)
+    dtypes = Counter(dtype for dtype, _ in header.values())
+    info["dtype"] = next(iter(dtypes)) if len(dtypes) == 1 else dict(dtypes)
+    if fmt in EMBEDDING_FORMATS or fmt == "kohya-bundle":
+        info["embeddings"] = {
+            k: list(shape)
+            for k, shape in shapes.items()
+            if fmt != "kohya-bundle" or k.startswith("bundle_emb.")
+        }
+    info["metadata"] = decode_metadata(metadata)
+    info["hashes"] = _hashes(p, metadata)
+    return info
+
+
+def _modules(fmt: str, header: dict[str, TensorInfo]) -> dict[str, dict[str, Any]]:
+    """module name -> {"group", "layer", "down" (key of the down factor), "alpha" (key or None)}."""
+    modules: dict[str, dict[str, Any]] = {}
+    if fmt in KOHYA_FORMATS or fmt == "kohya-bundle":
+        for key in header:
+            if key.startswith("bundle_emb."):
+                continue
+            name, _, part = key.partition(".")
+            entry = modules.setdefault(name, {"group": _kohya_group(name), "layer": _layer(name)})
+            if part == "lora_down.weight":
+                entry["down"] = key
+            elif part == "alpha":
+                entry["alpha"] = key
+    elif fmt in PEFT_FORMATS:
+        for key in header:
+            parsed = parse_key(key)
+            if parsed is None:
+                continue
+            canonical, part = parsed
+            component, path = canonical.split(":", 1)
+            group = component if component != "unet" else _unet_group(path)
+            entry = modules.setdefault(canonical, {"group": group, "layer": _layer(path.replace(".", "_"))})
+            if part in ("down", "alpha"):
+                entry[part] = key
+    return modules
+
+
+def _kohya_group(name: str) -> str:
+    if name.startswith("lora_unet_"):
+        return _unet_group(name[len("lora_unet_") :])
+    for prefix, component in _KOHYA_TE.items():
+        if name.startswith(prefix):
+            return component
+    return "other"
+
+
+def _unet_group(path: str) -> str:
+    match = _BLOCK.match(path)
+    if match is None:
+        return "unet.other"
+    if match.group(3):
+        return f"unet.{match.group(3)}"
+    return f"unet.{match.group(1)}.{match.group(2)}"
+
+
+def _layer(flat_name: str) -> str:
+    for layer in _LAYERS:
+        if flat_name == layer or flat_name.endswith("_" + layer):
+            return layer
+    return flat_name.rsplit("_", 1)[-1]
+
+
+def _rank_alpha(
+    p: Path, header: dict[str, TensorInfo], modules: dict[str, dict[str, Any]], info: dict[str, Any]
+) -> None:
+    """Fill ``rank``/``alpha`` (and ``rank_alpha`` when they vary); a module without alpha has alpha = rank."""
+    alpha_keys = [m["alpha"] for m in modules.values() if m.get("alpha")]
+    alphas = (
+        {k: float(t.float().reshape(-1)[0]) for k, t in read_tensors(p, alpha_keys).items()}
+        if alpha_keys
+        else {}
+    )
+    table: dict[str, dict[str, Any]] = {}
+    for name, m in modules.items():
+        rank = header[m["down"]][1][0] if m.get("down") and header[m["down"]][1] else None
+        alpha = alphas.get(m.get("alpha") or "")
+        table[name] = {"rank": rank, "alpha": alpha if alpha is not None else rank}
+    ranks = {row["rank"] for row in table.values()}
+    alpha_values = {row["alpha"] for row in table.values()}
+    info["rank"] = next(iter(ranks)) if len(ranks) == 1 else None
+    info["alpha"] = next(iter(alpha_values)) if len(alpha_values) == 1 else None
+    if len(ranks) > 1 or len(alpha_values) > 1:
+        info["rank_alpha"] = table
+
+
+def _hashes(p: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with p.open("rb") as fh:
+        fh.seek(data_offset(p))
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    recomputed = digest.hexdigest()
+    stored = metadata.get("sshs_model_hash")
+    spec = metadata.get("modelspec.hash_sha256")
+    return {
+        "sshs_model_hash": stored,
+        "recomputed": recomputed,
+        "matches": None if stored is None else stored.lower() == recomputed,
+        "modelspec_hash_matches": None if spec is None else spec.lower() == "0x" + recomputed,
+        "sshs_legacy_hash": metadata.get("sshs_legacy_hash"),
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """A human-readable report of :func:`inspect_file`'s result."""
+    lines = [f"{info['path']} ({info['size_bytes']:,} bytes)"]
+    lines.append(
+        f"  format:  {info['format']}   method: {info['method']}   family: {info.get('family') or 'unknown'}"
+    )
+    if info.get("problem"):
+        lines.append("  problem: " + info["problem"].replace("\n", "\n           "))
+    dtype = (
+        info["dtype"]
+        if isinstance(info["dtype"], str)
+        else ", ".join(f"{k} x{v}" for k, v in info["dtype"].items())
+    )
+    lines.append(f"  tensors: {info['tensors']}   modules: {info['modules']}   dtype: {dtype}")
+    if info["modules"]:
+        if info.get("rank_alpha"):
+            combos = Counter((row["rank"], row["alpha"]) for row in info["rank_alpha"].values())
+            text = ", ".join(f"rank {r} alpha {a} x{n}" for (r, a), n in sorted(combos.items(), key=str))
+            lines.append(f"  rank/alpha vary: {text}")
+        else:
+            lines.append(f"  rank: {info['rank']}   alpha: {info['alpha']}")
+        lines.append("  targets: " + ", ".join(f"{group} ({n})" for group, n in info["targets"].items()))
+        lines.append("  layers:  " + ", ".join(f"{layer} ({n})" for layer, n in info["layers"].items()))
+    for key, shape in info.get("embeddings", {}).items():
+        lines.append(f"  embedding {key}: {shape}")
+    hashes = info["hashes"]
+    verdict = {True: "matches", False: "DOES NOT MATCH", None: "not stored"}[hashes["matches"]]
+    lines.append(
+        f"  sshs_model_hash: {hashes['sshs_model_hash'] or '-'} ({verdict}; tensor data {hashes['recomputed']})"
+    )
+    if info["metadata"]:
+        lines.append("  metadata:")
+        for key, value in sorted(info["metadata"].items()):
+            text = str(value)
+            lines.append(f"    {key}: {text if len(text) <= 100 else text[:97] + '...'}")
+    return "\n".join(lines)
