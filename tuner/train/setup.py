@@ -119,9 +119,10 @@ def adapter_settings(recipe: Recipe) -> AdapterSettings:
     )
 
 
-def setup_run(recipe: Recipe, *, recipe_path: str | None = None, log=print) -> Run:
+def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel | None = None, log=print) -> Run:
     """Load the base, attach the adapter, index the data, build optimizer and schedules.
 
+    ``base``: an already loaded base model to use instead of ``recipe.model.base`` (tests, notebooks).
     Fails fast (before loading any model) on a missing data folder or base path.
     """
     from accelerate import Accelerator
@@ -137,7 +138,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, log=print) -> R
     )
     for path, reason in index.skipped:
         log(f"skipped {path}: {reason}")
-    base = load_base(recipe.model.base)
+    base = base or load_base(recipe.model.base)
     for note in base.notes:
         log(f"NOTE: {note}")
     resolution = recipe.data.resolution or base.family.resolution
