@@ -1,0 +1,81 @@
+"""``tuner demo``: the main job end to end on the embedded base, with no download.
+
+Writes the sks-star dataset (WORLD.md) with the world generator, trains a subject LoRA on it, exports the
+kohya-format file, and samples a before/after grid on prompts the training set never had.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tuner.config.schema import Recipe
+from tuner.sample.png import save_png
+from tuner.sample.sampler import SampleSettings, grid, sample_images
+
+# Backgrounds and positions the sks training set never shows (it has black, green and yellow only).
+DEMO_PROMPTS = [
+    "a large sks star on a blue background, in the center",
+    "a small sks star on a red background, on the left",
+    "a large sks star on a white background, on the right",
+    "a small sks star on an orange background, in the center",
+]
+
+
+def demo_recipe(data: Path, out: Path, steps: int | None = None) -> Recipe:
+    """The demo's settings (also in recipes/tiny/sks_star_lora.toml)."""
+    r = Recipe()
+    r.model.base = "tiny"
+    r.data.path = str(data)
+    r.data.repeats = 10
+    r.adapter.rank = 8
+    r.adapter.alpha = 8.0
+    r.train.steps = steps or 150
+    r.train.batch_size = 4
+    r.train.seed = 0
+    r.optim.learning_rate = 1e-3
+    r.preview.every = max(1, r.train.steps // 3)
+    r.preview.prompts = DEMO_PROMPTS[:2]
+    r.preview.steps = 15
+    r.output.dir = str(out / "run")
+    r.output.name = "sks_star"
+    r.output.trigger_words = ["sks star"]
+    return r
+
+
+def run_demo(out: Path, *, steps: int | None = None, log=print) -> dict[str, Path]:
+    from tuner.models.base import load_base
+    from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
+    from tuner.tiny.world import write_personalization_sets
+    from tuner.train.loop import train
+    from tuner.train.setup import setup_run
+
+    started = time.perf_counter()
+    data_root = out / "datasets"
+    if not (data_root / "sks_star").is_dir():
+        write_personalization_sets(data_root)
+    recipe = demo_recipe(data_root / "sks_star", out, steps)
+    run = setup_run(recipe, log=log)
+    result = train(run, log=log)
+    lora_path = result.outputs[0]
+
+    settings = SampleSettings(steps=20, cfg=5.0, sampler="ddim")
+    seeds = list(range(len(DEMO_PROMPTS)))
+    before = sample_images(load_base("tiny"), DEMO_PROMPTS, seeds, settings)
+    after_base = load_base("tiny")
+    apply_loras(after_base, load_loras_for(after_base, [LoraSpec(lora_path)]))
+    after = sample_images(after_base, DEMO_PROMPTS, seeds, settings)
+    grid_path = save_png(
+        grid(before + after, cols=len(DEMO_PROMPTS)), out / "before_after.png",
+        parameters="top row: base; bottom row: base + sks_star LoRA | " + " | ".join(DEMO_PROMPTS),
+    )
+    files = {"lora": lora_path, "before_after": grid_path, "previews": run.out_dir / "previews",
+             "checkpoints": run.out_dir / "checkpoints", "data": data_root / "sks_star"}
+    log("")
+    log(f"demo finished in {time.perf_counter() - started:.0f} s")
+    if run.base.is_random:
+        log("NOTE: the embedded base is randomly initialised for now, so pictures are noise-like; the files and "
+            "the workflow are real.")
+    for label, path in files.items():
+        log(f"  {label:<13} {path}")
+    return files
