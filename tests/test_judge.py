@@ -18,10 +18,12 @@ from tuner.tiny.world import (
     SIZES,
     SKS_STAR_SCENES,
     Scene,
+    outline_mask,
     render,
     render_array,
     sample_scenes,
     shape_mask,
+    sks_scene,
 )
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position", "style", "subject")
@@ -87,6 +89,49 @@ def test_the_class_star_and_a_plain_hexagram_are_not_the_sks_subject():
     a[shape_mask("hexagram", 36, 32, CY)] = PALETTE["purple"]
     hexagram = judge(a)
     assert hexagram.shape == "hexagram" and not hexagram.is_sks_subject
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("position", list(POSITIONS))
+def test_sks_subject_on_white_is_recognised(size, position):
+    # On white the centre disc is background-coloured: the object mask is a purple hexagram with a hole.
+    scene = sks_scene("white", size, position)
+    crisp = render(scene)
+    blurred = crisp.filter(ImageFilter.GaussianBlur(1.0))
+    noisy = np.clip(render_array(scene) + np.random.default_rng(1).normal(0.0, 8.0, (64, 64, 3)), 0, 255)
+    for image in (crisp, blurred, noisy.astype(np.uint8)):
+        j = judge(image)
+        assert j.is_sks_subject and j.shape == "hexagram" and not j.is_outline, j
+        assert all(judge_against(image, scene).values())
+    assert judge(crisp).ious["hexagram/holed"] == 1.0
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("position", list(POSITIONS))
+def test_look_alikes_on_white_are_not_the_sks_subject(size, position):
+    s, cx = SIZES[size], POSITIONS[position]
+    hexagram = shape_mask("hexagram", s, cx, CY)
+    # A plain purple hexagram: its centre is purple, not a hole.
+    a = np.full((64, 64, 3), PALETTE["white"], np.uint8)
+    a[hexagram] = PALETTE["purple"]
+    j = judge(a)
+    assert j.shape == "hexagram" and not j.is_outline and not j.is_sks_subject
+    # A hexagram outline has a white inside too, but it is an outline, not a hexagram with a small hole.
+    a[:] = PALETTE["white"]
+    a[outline_mask(hexagram)] = PALETTE["purple"]
+    j = judge(a)
+    assert j.shape == "hexagram" and j.is_outline and not j.is_sks_subject
+
+
+@pytest.mark.parametrize("bg", ["blue", "red", "orange", "yellow", "green", "black"])
+def test_a_background_coloured_hole_is_the_sks_subject_only_on_white(bg):
+    # Off white, the subject's centre must be white: a hole that shows the background is not it (orange and
+    # yellow are nearer to white than to purple, so "nearer white than purple" alone would accept them).
+    a = np.full((64, 64, 3), PALETTE[bg], np.uint8)
+    a[shape_mask("hexagram", 36, 32, CY) & ~shape_mask("circle", 0.3 * 36, 32, CY)] = PALETTE["purple"]
+    j = judge(a)
+    assert j.shape == "hexagram" and j.color == "purple" and not j.is_sks_subject
+    assert judge(render(sks_scene(bg, "large", "center"))).is_sks_subject
 
 
 def test_wrong_scene_is_reported_per_attribute():

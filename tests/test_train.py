@@ -83,7 +83,8 @@ def test_fp16_export_is_the_fp16_cast(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"optim__optimizer": "adamw8bit"}, {"train__gradient_checkpointing": True},
-                                    {"train__gradient_accumulation": 2, "adapter__targets": "locon"}])
+                                    {"train__gradient_accumulation": 2, "adapter__targets": "locon"},
+                                    {"train__mixed_precision": "bf16"}])
 def test_memory_options_train(circles, tmp_path, change):
     run = setup_run(small_recipe(circles, tmp_path, train__steps=2, **change), **QUIET)
     result = train(run, **QUIET)

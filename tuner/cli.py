@@ -60,15 +60,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tuner.sample.generate import LoraSpec, apply_loras, generate, load_loras_for
     from tuner.sample.sampler import SampleSettings
 
-    base = load_base(args.base)
-    for note in base.notes:
-        print(f"NOTE: {note}")
+    if args.steps < 1 or args.n < 1:
+        raise TunerError(f"--steps {args.steps} -n {args.n}: both must be at least 1")
     width = height = 0
     if args.size:
         try:
             width, height = (int(v) for v in args.size.lower().split("x"))
         except ValueError:
             raise TunerError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 512x512") from None
+        if width < 1 or height < 1:
+            raise TunerError(f"--size {args.size!r}: width and height must be positive, e.g. 512x512")
+    base = load_base(args.base)
+    for note in base.notes:
+        print(f"NOTE: {note}")
     loras = load_loras_for(base, [LoraSpec.parse(s) for s in args.lora or ()], lenient=args.lenient)
     apply_loras(base, loras, merge=not args.no_merge)
     settings = SampleSettings(
@@ -103,6 +107,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tuner.demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from tuner.tiny.world import write_personalization_sets, write_world
+
+    if args.personalization:
+        for name, paths in write_personalization_sets(args.out).items():
+            print(f"wrote {len(paths)} images + captions to {Path(args.out) / name}")
+        return 0
+    if args.n is None:
+        raise TunerError("tuner world: give -n N (how many images), or --personalization")
+    paths = write_world(args.out, args.n, seed=args.seed, split=args.split)
+    print(f"wrote {len(paths)} images + captions to {args.out} (split {args.split}, seed {args.seed})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tuner.models.base import load_base
+    from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
+    from tuner.sample.sampler import SampleSettings
+    from tuner.tiny.evaluate import compare, run_eval
+    from tuner.train.setup import pick_device
+
+    settings = SampleSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler)
+    options = dict(n=args.n, seeds=args.seeds, seed=args.seed, token=args.token, settings=settings)
+    device = pick_device(args.device)
+    specs = [LoraSpec.parse(s) for s in args.lora or ()]
+
+    def evaluate(with_loras: bool):
+        base = load_base(args.base)
+        for note in base.notes:
+            print(f"NOTE: {note}", file=sys.stderr)  # stderr: --json keeps stdout a JSON document
+        if with_loras:
+            apply_loras(base, load_loras_for(base, specs))
+        return run_eval(args.mode, base.to(device), progress=True, **options)
+
+    # The prior is about what an adapter destroys: measure it without and with, on the same seeds.
+    if args.mode == "prior" and specs:
+        result = compare(evaluate(False), evaluate(True))
+    else:
+        result = evaluate(bool(specs))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0
 
 
@@ -157,6 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("world", help="write toy-world images and captions, or the personalization sets")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-n", type=int, help="number of images (files 00000.png + 00000.txt ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("pretrain", "heldout"), default="pretrain",
+                   help="pretrain: everything but the held-out pairs; heldout: only them")
+    p.add_argument("--personalization", action="store_true",
+                   help="write the sks_star, outline_style and pink datasets under --out instead")
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("eval", help="generate toy-world images and judge them from pixels (WORLD.md)")
+    p.add_argument("--base", default="tiny", help="'tiny' or a local diffusers folder")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA file and scale (repeatable)")
+    p.add_argument("--mode", required=True, choices=("base", "heldout", "subject", "prior", "style", "color"),
+                   help="what to measure; prior with --lora runs without and with the LoRA")
+    p.add_argument("-n", type=int, default=200, help="images for base / heldout")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt (or per shape) for the other modes")
+    p.add_argument("--seed", type=int, default=0, help="first seed; scene choices are seeded with it too")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", choices=("ddim", "euler", "euler_a", "dpmpp_2m"), default="ddim")
+    p.add_argument("--token", default="<pink>", help="the colour token, for --mode color")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", action="store_true", help="print a JSON document (every image's judgement)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

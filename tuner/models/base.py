@@ -94,11 +94,20 @@ def load_base(spec: str, *, dtype: torch.dtype = torch.float32) -> BaseModel:
     return _load_diffusers_folder(path, dtype)
 
 
+TINY_ASSETS = Path(__file__).resolve().parent.parent / "tiny" / "assets"
+
+
 def _load_tiny(dtype: torch.dtype) -> BaseModel:
+    """The pretrained tiny base shipped in ``tuner/tiny/assets`` (a diffusers folder), or, in a checkout
+    that does not have those weights yet, the random stand-in built from config (announced in ``notes``)."""
+    if (TINY_ASSETS / "model_index.json").exists():
+        base = _load_diffusers_folder(TINY_ASSETS, dtype)
+        base.source = "tiny"
+        return base
     from tuner.models.tiny import build_tiny_components
 
     parts = build_tiny_components()
-    base = BaseModel(
+    return BaseModel(
         family=TINY,
         unet=_cast(parts["unet"], dtype),
         vae=_cast(parts["vae"], dtype),
@@ -110,7 +119,6 @@ def _load_tiny(dtype: torch.dtype) -> BaseModel:
         notes=["the embedded tiny base is RANDOMLY INITIALISED (a stand-in until the pretrained one lands): "
                "images will be noise-like; this shows the workflow, not quality"],
     )
-    return base
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:

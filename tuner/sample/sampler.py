@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tuner.errors import TunerError
 from tuner.models.base import BaseModel
 from tuner.models.prompts import encode_prompts
 
@@ -61,8 +62,12 @@ def sample_images(
     width = settings.width or base.family.resolution
     height = settings.height or base.family.resolution
     f = base.vae_scale_factor
-    if width % f or height % f:
-        raise ValueError(f"image size {width}x{height} must be a multiple of {f} for this base")
+    if width <= 0 or height <= 0 or width % f or height % f:
+        # user input (``tuner sample --size``): a TunerError, so the CLI shows a message, not a traceback
+        raise TunerError(
+            f"image size {width}x{height}: width and height must be positive multiples of {f} for this base "
+            f"(e.g. {base.family.resolution}x{base.family.resolution})"
+        )
     unet, vae = base.unet, base.vae
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     guided = settings.cfg > 1.0

@@ -35,14 +35,23 @@ Steps, with the thresholds and why:
    :data:`SIZE_SPLIT_PX` = 24 (half-way between 20 and 28). Plain "nearest of 20/36" would be a tie for a
    large square (28 px).
 5. **Position**: the bbox centre's x, nearest of cx = 20 / 32 / 44 (every shape is left-right symmetric).
-6. **Shape and style**: each candidate (8 shapes + hexagram, each filled and as a 3-pixel outline) is drawn in
-   the world's box at the judged size and position, and also shifted so that its bbox centre meets the
-   object's (to forgive a model that draws a little off-place); the candidate with the highest IoU with the
-   object mask wins. ``is_outline`` is true when the winner is an outline. Ties go to the filled shape
-   (a small ring is the only world shape whose 3-pixel outline is the shape itself).
-7. **sks subject**: the winner is a (filled) hexagram, the colour is purple, and at least half of the
-   pixels within 0.2 R of the bbox centre are nearer to white than to purple and to the background.
-   (On a white background the white centre cannot be seen; the sks training set never uses one.)
+6. **Shape and style**: each candidate (8 shapes + hexagram, each filled and as a 3-pixel outline, plus
+   ``"hexagram/holed"``: the hexagram with the sks centre disc of radius :data:`SKS_DISC_FRACTION` = 0.3 R
+   cut out) is drawn in the world's box at the judged size and position, and also shifted so that its bbox
+   centre meets the object's (to forgive a model that draws a little off-place); the candidate with the
+   highest IoU with the object mask wins. ``is_outline`` is true when the winner is an outline. Ties go to the filled shape
+   (a small ring is the only world shape whose 3-pixel outline is the shape itself). The holed hexagram is
+   what the object mask of the sks subject on a *white* background looks like: its white centre disc is
+   background there, so the mask is a purple hexagram with a hole (a small one would otherwise be judged
+   a hexagram outline, a large one a poorly matching filled hexagram). It is judged shape ``hexagram``, not
+   an outline.
+7. **sks subject**: the winner is a filled or holed hexagram, the colour is purple, and at least half of the
+   pixels within :data:`SKS_CENTRE_FRACTION` = 0.2 R of the bbox centre are *white-like*: nearer to white
+   than to purple, and, unless the background is judged white, also nearer to white than to the measured
+   background. On a white background the centre disc and the background are the same colour, so a
+   background-coloured hole is exactly what the subject looks like there; on any other background a
+   background-coloured hole is not the subject (and yellow or orange, being nearer to white than to purple,
+   would otherwise pass). A plain purple hexagram has a purple centre and is never the subject.
 
 Images are 64 x 64 RGB. PIL images of another size are resized (bilinear) to 64 x 64 first.
 """
@@ -78,6 +87,8 @@ MIN_COMPONENT_FRACTION = 0.10
 MIN_OBJECT_PX = 16
 SIZE_SPLIT_PX = 24
 SKS_CENTRE_FRACTION = 0.2  # radius of the probed centre, as a fraction of R (the white disc is 0.3 R)
+SKS_DISC_FRACTION = 0.3  # WORLD.md: the sks subject's white centre disc has radius 0.3 R
+HOLED = "holed"  # style part of the candidate key "hexagram/holed" (the hexagram minus the sks centre disc)
 
 
 @dataclass(frozen=True)
@@ -88,8 +99,10 @@ class Judgement:
     ``SHAPES`` or ``"hexagram"``. ``size``: ``small``/``large``. ``position``: ``left``/``center``/``right``.
     Object fields are ``None`` when ``empty``. ``iou``: IoU of the object mask with the winning candidate
     (0 when empty). ``is_outline``: the winner is an outline. ``is_sks_subject``: purple hexagram with a white
-    centre. ``bbox``: ``(x0, y0, x1, y1)``, end-exclusive, of the object mask. ``area``: object pixels.
-    ``ious``: best IoU per candidate, keyed ``"circle"``, ``"circle/outline"``, ...
+    centre (on a white background: with a background-coloured hole). ``bbox``: ``(x0, y0, x1, y1)``,
+    end-exclusive, of the object mask. ``area``: object pixels.
+    ``ious``: best IoU per candidate, keyed ``"circle"``, ``"circle/outline"``, ..., and ``"hexagram/holed"``
+    (the hexagram with the sks centre disc cut out; see the module docstring, step 6).
     """
 
     background: str
@@ -222,14 +235,20 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @functools.lru_cache(maxsize=8)
 def _templates(size_px: int, cx: int) -> dict[str, tuple[np.ndarray, tuple[float, float]]]:
-    """Candidate name (``"circle"``, ``"circle/outline"``, ...) -> (mask, bbox centre), in the world's box.
+    """Candidate name (``"circle"``, ``"circle/outline"``, ..., ``"hexagram/holed"``) -> (mask, bbox centre),
+    in the world's box.
 
     Cached: the world has 2 sizes x 3 positions, and drawing outlines is the judge's most expensive step.
     """
     out: dict[str, tuple[np.ndarray, tuple[float, float]]] = {}
     for name in ALL_SHAPES:
         filled = shape_mask(name, size_px, cx, CY)
-        for key, m in ((name, filled), (f"{name}/outline", outline_mask(filled))):
+        candidates = [(name, filled), (f"{name}/outline", outline_mask(filled))]
+        if name == HEXAGRAM:
+            # The sks subject on a white background: its centre disc is background, so the mask has a hole.
+            disc = shape_mask("circle", 2.0 * SKS_DISC_FRACTION * size_px / 2.0, cx, CY)
+            candidates.append((f"{name}/{HOLED}", filled & ~disc))
+        for key, m in candidates:
             m.setflags(write=False)
             x0, y0, x1, y1 = _bbox(m)
             out[key] = (m, ((x0 + x1) / 2.0, (y0 + y1) / 2.0))
@@ -276,11 +295,14 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
     shape, _, style = winner.partition("/")
 
     is_sks = False
-    if shape == HEXAGRAM and not style and color == "purple":
+    if shape == HEXAGRAM and style in ("", HOLED) and color == "purple":
         X, Y = np.meshgrid(np.arange(CANVAS) + 0.5, np.arange(CANVAS) + 0.5)
         probe = (X - centre[0]) ** 2 + (Y - centre[1]) ** 2 <= (SKS_CENTRE_FRACTION * s / 2.0) ** 2
-        refs = np.stack([np.asarray(PALETTE["white"], float), np.asarray(PALETTE["purple"], float), bg])
-        nearest = np.argmin(np.linalg.norm(a[probe][:, None, :] - refs[None], axis=2), axis=1)
+        # On a white background the centre disc *is* background-coloured: only white vs purple counts there.
+        refs = [np.asarray(PALETTE["white"], float), np.asarray(PALETTE["purple"], float)]
+        if background != "white":
+            refs.append(bg)
+        nearest = np.argmin(np.linalg.norm(a[probe][:, None, :] - np.stack(refs)[None], axis=2), axis=1)
         is_sks = bool(probe.any()) and float(np.mean(nearest == 0)) >= 0.5
 
     return Judgement(
@@ -290,7 +312,7 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
         size=size,
         position=position,
         iou=float(ious[winner]),
-        is_outline=bool(style),
+        is_outline=style == "outline",
         is_sks_subject=is_sks,
         empty=False,
         bbox=(x0, y0, x1, y1),
