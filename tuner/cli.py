@@ -153,6 +153,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
+    import time
+
+    from tuner.models.base import TINY_ASSETS
+    from tuner.tiny.card import evaluate_and_install
+    from tuner.tiny.pretrain import PretrainSettings, pretrain_tiny
+
+    settings = PretrainSettings(
+        seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch_size,
+        time_limit_min=args.time_limit, share_cpu=args.share_cpu,
+    )
+    started = time.perf_counter()
+    final = pretrain_tiny(args.out, settings)
+    if final is None:
+        print(f"paused by --time-limit; run the same command again to continue from {args.out}")
+        return 0
+    from dataclasses import asdict
+
+    evaluate_and_install(
+        final, settings=asdict(settings), minutes=(time.perf_counter() - started) / 60,
+        command=(f"tuner pretrain-tiny --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} "
+                 f"--batch-size {args.batch_size} --seed {args.seed}" + (" --install" if args.install else "")),
+        assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuner", description="Personalize latent diffusion models.")
     parser.add_argument("--version", action="version", version=f"tuner {__version__}")
@@ -214,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--personalization", action="store_true",
                    help="write the sks_star, outline_style and pink datasets under --out instead")
     p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny base from scratch on the toy world")
+    p.add_argument("--out", default="runs/pretrain-tiny", help="work folder (checkpoints; rerun to resume)")
+    p.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps")
+    p.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (first stage)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="MIN",
+                   help="pause (with a checkpoint) after MIN minutes; rerun to continue")
+    p.add_argument("--share-cpu", action="store_true", help="use one thread while other processes run")
+    p.add_argument("--eval-n", type=int, default=200, help="prompts judged for the model card")
+    p.add_argument("--install", action="store_true", help="install the result as the embedded tiny base")
+    p.set_defaults(func=cmd_pretrain_tiny)
 
     p = sub.add_parser("eval", help="generate toy-world images and judge them from pixels (WORLD.md)")
     p.add_argument("--base", default="tiny", help="'tiny' or a local diffusers folder")

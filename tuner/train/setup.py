@@ -104,6 +104,18 @@ def pick_device(spec: str) -> torch.device:
     return torch.device("cpu")
 
 
+def make_accelerator(mixed_precision: str, *, cpu: bool):
+    """An ``accelerate.Accelerator`` for this run. accelerate keeps one process-wide state and refuses a
+    second run with another precision in the same process (a notebook, the tests); a single-process
+    state is reset for the new run instead."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType
+
+    if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.NO:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
 def adapter_settings(recipe: Recipe) -> AdapterSettings:
     a = recipe.adapter
     return AdapterSettings(
@@ -125,7 +137,6 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     ``base``: an already loaded base model to use instead of ``recipe.model.base`` (tests, notebooks).
     Fails fast (before loading any model) on a missing data folder or base path.
     """
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
     if not recipe.data.path:
@@ -165,10 +176,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         if "text_encoder" in trained:
             base.text_encoder.gradient_checkpointing_enable()
     device = pick_device(recipe.train.device)
-    accelerator = Accelerator(
-        mixed_precision=recipe.train.mixed_precision,
-        cpu=device.type == "cpu",
-    )
+    accelerator = make_accelerator(recipe.train.mixed_precision, cpu=device.type == "cpu")
     base.to(device)
     opt = recipe.optim
     groups = []

@@ -1,0 +1,38 @@
+"""A 2-step smoke run of the pretraining command, pause/resume, and the model card."""
+
+from __future__ import annotations
+
+import json
+
+from tuner.cli import main
+from tuner.tiny.pretrain import PretrainSettings, pretrain_scenes, pretrain_tiny
+from tuner.tiny.world import HELD_OUT
+
+
+def test_pretrain_scenes_exclude_held_out_pairs():
+    scenes = pretrain_scenes()
+    assert len(scenes) == 8 * 8 * 7 * 2 * 3 - len(HELD_OUT) * 7 * 2 * 3
+    assert not {(s.shape, s.color) for s in scenes} & set(HELD_OUT)
+
+
+def test_pretrain_pauses_and_resumes(tmp_path):
+    settings = PretrainSettings(vae_steps=2, vae_batch=2, steps=2, batch=2, checkpoint_every=1, scene_limit=16,
+                                time_limit_min=1e-6)
+    assert pretrain_tiny(tmp_path, settings, log=lambda *_: None) is None  # paused after one VAE step
+    assert (tmp_path / "vae_state.pt").exists() and not (tmp_path / "vae").exists()
+    settings.time_limit_min = 0
+    final = pretrain_tiny(tmp_path, settings, log=lambda *_: None)
+    assert final is not None and (final / "model_index.json").exists()
+    assert len(json.loads((tmp_path / "history.json").read_text())["loss"]) == 2
+
+
+def test_pretrain_command_smoke(tmp_path, monkeypatch):
+    import tuner.tiny.pretrain as pretrain
+
+    real = pretrain.pretrain_scenes
+    monkeypatch.setattr(pretrain, "pretrain_scenes", lambda: real()[::150])
+    code = main(["pretrain-tiny", "--out", str(tmp_path), "--steps", "2", "--vae-steps", "2", "--batch-size", "2",
+                 "--eval-n", "2"])
+    assert code == 0
+    card = (tmp_path / "final" / "MODEL_CARD.md").read_text()
+    assert "seen prompts (n = 2)" in card and "held-out pairs (n = 8)" in card and "pretrain-tiny" in card

@@ -1,0 +1,305 @@
+"""Pretraining the embedded tiny base from scratch on the toy world (``tuner pretrain-tiny``).
+
+Two stages, each resumable from its own checkpoint so the job can run in parts (``--time-limit``):
+
+1. the VAE (4x downsampling, 64 px -> 16x16x4), reconstruction + a small KL term; its latent scaling factor
+   is set to 1 / std of the latents of the world's images;
+2. the text encoder and the UNet together, on latents of every pretraining scene (cached once: the world
+   has a finite set of distinct images) with captions re-drawn every time (size and position phrases each
+   dropped with p = 0.3 per WORLD.md, and the whole caption dropped with ``caption_dropout`` for CFG).
+   Epsilon objective with min-SNR weighting; an EMA of the weights is what ships.
+
+This is a separate job from personalization (``tuner.train``): it trains everything from random init and
+has no adapter, so it does not go through the adapter loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tuner.tiny import world
+
+STATE_VAE = "vae_state.pt"
+STATE_UNET = "unet_state.pt"
+
+
+@dataclass
+class PretrainSettings:
+    seed: int = 0
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-5
+    steps: int = 6000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    share_cpu: bool = False
+    """Drop to one torch thread whenever another process is running (see :func:`fair_threads`)."""
+    time_limit_min: float = 0.0
+    """Stop (with a checkpoint) after this many minutes of this invocation; 0 = no limit."""
+    scene_limit: int = 0
+    """Use only the first N distinct scenes (smoke tests); 0 = all of them."""
+
+
+def pretrain_scenes() -> list[world.Scene]:
+    """Every distinct plain scene of the pretraining split (held-out (shape, colour) pairs excluded)."""
+    held = set(world.HELD_OUT)
+    scenes = []
+    for shape, color, bg, size, pos in itertools.product(
+        world.SHAPES, world.PALETTE, world.PALETTE, world.SIZES, world.POSITIONS
+    ):
+        if color != bg and (shape, color) not in held:
+            scenes.append(world.Scene(shape=shape, color=color, background=bg, size=size, position=pos))
+    return scenes
+
+
+def _pixels(scenes: list[world.Scene]) -> torch.Tensor:
+    """``[N, 3, 64, 64]`` float32 in [-1, 1]."""
+    arr = np.stack([world.render_array(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _lr_at(step: int, settings_lr: float, warmup: int, total: int) -> float:
+    if step < warmup:
+        return settings_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return settings_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def fair_threads(max_threads: int) -> None:
+    """Use one torch thread while another process wants the CPU, all of them otherwise.
+
+    On a small shared machine, oversubscribed torch threads spin against each other and a step can get
+    an order of magnitude slower; one thread each is far better. Reads the runnable count of /proc/loadavg.
+    """
+    try:
+        with open("/proc/loadavg", encoding="ascii") as fh:
+            runnable = int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return
+    torch.set_num_threads(max_threads if runnable <= 1 else 1)
+
+
+class _Clock:
+    def __init__(self, minutes: float):
+        self.deadline = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
+
+    def out(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: _Clock, log=print):
+    """Stage 1. Returns the trained VAE, or None when the time limit stopped it (checkpoint saved)."""
+    from diffusers import AutoencoderKL
+
+    from tuner.models.tiny import VAE_CONFIG
+
+    final = out / "vae"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final, local_files_only=True)
+    torch.manual_seed(s.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(s.seed)
+    step = 0
+    state = _load(out / STATE_VAE)
+    if state:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        step = state["step"]
+        log(f"VAE: resumed at step {step}")
+    pixels = _pixels(scenes)
+    gen = torch.Generator().manual_seed(s.seed + step)
+    bar = tqdm(total=s.vae_steps, initial=step, desc="VAE", unit="step", dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    while step < s.vae_steps:
+        if s.share_cpu and step % 5 == 0:
+            fair_threads(threads)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, s.vae_lr, 100, s.vae_steps)
+        x = pixels[torch.from_numpy(rng.integers(0, len(pixels), s.vae_batch))]
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        kl = dist.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + s.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
+        if step % s.checkpoint_every == 0 or step == s.vae_steps or clock.out():
+            _save(out / STATE_VAE, {"model": vae.state_dict(), "optimizer": opt.state_dict(),
+                                    "rng": rng.bit_generator.state, "step": step})
+            if clock.out() and step < s.vae_steps:
+                bar.close()
+                log(f"VAE: time limit reached at step {step}; run again to continue")
+                return None
+    bar.close()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    vae.save_pretrained(final)
+    log(f"VAE: done, scaling factor {vae.config.scaling_factor:.4f}")
+    return vae
+
+
+def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], vae, clock: _Clock, log=print):
+    """Stage 2: text encoder + UNet. Returns (unet_ema, text_encoder_ema, history) or None when paused."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tuner.models.prompts import tokenize
+    from tuner.models.tiny import SCHEDULER_CONFIG, UNET_CONFIG, build_tokenizer, text_encoder_config
+    from tuner.train.objective import add_noise, diffusion_loss
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(s.seed + 1)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    te = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id,
+                                                            tokenizer.eos_token_id)))
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01)
+    sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    rng = np.random.default_rng(s.seed + 2)
+    step, history = 0, {"loss": []}
+    state = _load(out / STATE_UNET)
+    if state:
+        unet.load_state_dict(state["unet"])
+        te.load_state_dict(state["te"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_te.load_state_dict(state["ema_te"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        step, history = state["step"], state["history"]
+        log(f"UNet: resumed at step {step}")
+    with torch.no_grad():
+        pixels = _pixels(scenes)
+        moments = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
+        mean = torch.cat([d.mean for d in moments])
+        std = torch.cat([d.std for d in moments])
+    scale = float(vae.config.scaling_factor)
+    unet.train()
+    te.train()
+    bar = tqdm(total=s.steps, initial=step, desc="UNet+TE", unit="step", dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    while step < s.steps:
+        if s.share_cpu and step % 5 == 0:
+            fair_threads(threads)
+        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, s.lr, s.warmup, s.steps)
+        idx = rng.integers(0, len(scenes), s.batch)
+        drops = rng.random((s.batch, 3))
+        captions = [
+            "" if d[2] < s.caption_dropout
+            else world.caption(scenes[i], drop_size=bool(d[0] < world.PHRASE_DROP_P),
+                               drop_position=bool(d[1] < world.PHRASE_DROP_P))
+            for i, d in zip(idx, drops)
+        ]
+        t_idx = torch.from_numpy(idx)
+        latents = (mean[t_idx] + std[t_idx] * torch.randn(mean[t_idx].shape, generator=gen)) * scale
+        noisy, noise, timesteps = add_noise(latents, sched, gen)
+        embeds = te(tokenize(tokenizer, captions))[0]
+        pred = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+        loss = diffusion_loss(pred, noise, timesteps, sched, prediction_type="epsilon",
+                              min_snr_gamma=s.min_snr_gamma).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for model, ema in ((unet, ema_unet), (te, ema_te)):
+                for p, e in zip(model.parameters(), ema.parameters()):
+                    e.lerp_(p, 1 - decay)
+        history["loss"].append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(history['loss'][-50:]):.4f}")
+        bar.update()
+        if step % s.checkpoint_every == 0 or step == s.steps or clock.out():
+            _save(out / STATE_UNET, {
+                "unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
+                "ema_te": ema_te.state_dict(), "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
+                "step": step, "history": history,
+            })
+            if clock.out() and step < s.steps:
+                bar.close()
+                log(f"UNet: time limit reached at step {step}; run again to continue")
+                return None
+    bar.close()
+    return ema_unet.eval(), ema_te.eval(), history
+
+
+def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log=print) -> Path | None:
+    """Run (or continue) both stages into ``out``; returns the diffusers folder ``out/final`` when done,
+    None when the time limit paused it (run again with the same ``out`` to continue)."""
+    from tuner.models.base import BaseModel, export_base
+    from tuner.models.families import TINY
+    from tuner.models.tiny import SCHEDULER_CONFIG, build_tokenizer
+
+    s = settings or PretrainSettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(__import__("json").dumps(asdict(s), indent=2), encoding="utf-8")
+    clock = _Clock(s.time_limit_min)
+    started = time.perf_counter()
+    scenes = pretrain_scenes()
+    if s.scene_limit:
+        scenes = scenes[:: max(1, len(scenes) // s.scene_limit)][: s.scene_limit]
+    log(f"pretraining on {len(scenes)} distinct scenes of the world's pretraining split")
+    vae = train_vae(out, s, scenes, clock, log)
+    if vae is None:
+        return None
+    vae.requires_grad_(False).eval()
+    result = train_denoiser(out, s, scenes, vae, clock, log)
+    if result is None:
+        return None
+    unet, te, history = result
+    final = out / "final"
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    base = BaseModel(family=TINY, unet=unet, vae=vae, text_encoder=te, tokenizer=build_tokenizer(),
+                     scheduler_config=dict(SCHEDULER_CONFIG), source=str(final))
+    export_base(base, final)
+    (out / "history.json").write_text(__import__("json").dumps(history), encoding="utf-8")
+    log(f"pretraining finished (this part: {(time.perf_counter() - started) / 60:.1f} min); wrote {final}")
+    return final
