@@ -25,11 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/tuner demo --out out/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check tuner tests bench
+	$(PY) -m ruff check tuner tests
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check tuner tests bench
+	$(PY) -m ruff check tuner tests
 	$(PY) -m mypy tuner
 
 clean:

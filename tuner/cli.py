@@ -28,22 +28,13 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tuner.config.load import load_recipe
+    from tuner.config.schema import CLI_SHORTCUTS
     from tuner.train.checkpoint import find_checkpoint
     from tuner.train.loop import restore, train
     from tuner.train.setup import setup_run
 
-    shortcuts = {
-        "model.base": args.base,
-        "data.path": args.data,
-        "output.dir": args.output,
-        "train.steps": args.steps,
-        "train.seed": args.seed,
-        "data.resolution": args.resolution,
-        "train.batch_size": args.batch_size,
-        "adapter.rank": args.rank,
-        "train.checkpoint_every": args.checkpoint_every,
-        "data.strict": True if args.strict else None,
-    }
+    shortcuts: dict[str, object] = {key: getattr(args, opt) for opt, key in CLI_SHORTCUTS.items()}
+    shortcuts["data.strict"] = True if args.strict else None
     recipe = load_recipe(args.recipe, args.set or (), shortcuts)
     run = setup_run(recipe, recipe_path=args.recipe)
     if args.resume:
@@ -70,10 +61,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise TunerError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 512x512") from None
         if width < 1 or height < 1:
             raise TunerError(f"--size {args.size!r}: width and height must be positive, e.g. 512x512")
+    specs = [LoraSpec.parse(s) for s in args.lora or ()]
+    for spec in specs:  # before the (slow) base load
+        if not spec.path.is_file():
+            raise TunerError(f"LoRA file '{spec.path}' does not exist")
     base = load_base(args.base)
     for note in base.notes:
         print(f"NOTE: {note}")
-    loras = load_loras_for(base, [LoraSpec.parse(s) for s in args.lora or ()], lenient=args.lenient)
+    loras = load_loras_for(base, specs, lenient=args.lenient)
     apply_loras(base, loras, merge=not args.no_merge)
     settings = SampleSettings(
         steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=width, height=height, negative=args.negative

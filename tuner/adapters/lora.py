@@ -196,7 +196,10 @@ def check_shapes(models: Mapping[str, nn.Module], weights: LoraWeights, family_n
         if (w.shape[0], w.shape[1]) != (out_f, in_f):
             bad.append(f"{key}: adapter [{out_f}, {in_f}] vs base {list(w.shape[:2])}")
     if bad:
-        made_for = weights.metadata.get("ss_base_model_version", "unknown")
+        from tuner.formats.detect import detect_family
+
+        shapes = {k: tuple(m.down.shape) for k, m in weights.modules.items()}
+        made_for = detect_family(weights.metadata, shapes) or weights.metadata.get("ss_base_model_version", "unknown")
         raise FormatError(
             f"the LoRA does not fit this base model ({family_name}); it was made for '{made_for}'. "
             f"{len(bad)} module(s) differ in shape, e.g.:\n  " + "\n  ".join(bad[:5])
