@@ -43,9 +43,18 @@ def demo_recipe(data: Path, out: Path, steps: int | None = None) -> Recipe:
     return r
 
 
-def run_demo(out: Path, *, steps: int | None = None, log=print) -> dict[str, Path]:
+def run_demo(
+    out: Path, *, steps: int | None = None, eval_seeds: int = 4, sample_steps: int = 20, log=print
+) -> dict[str, Path]:
+    """Train the demo LoRA, then write before/after images, eval figures and an HTML report into ``out``.
+
+    ``eval_seeds``: seeds per prompt for the subject and prior checks (0 = skip them); ``sample_steps``:
+    DDIM steps for every image the demo samples after training.
+    """
     from tuner.models.base import load_base
+    from tuner.report import write_report
     from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
+    from tuner.tiny.evaluate import compare, eval_prior, eval_subject
     from tuner.tiny.world import write_personalization_sets
     from tuner.train.loop import train
     from tuner.train.setup import setup_run
@@ -59,17 +68,43 @@ def run_demo(out: Path, *, steps: int | None = None, log=print) -> dict[str, Pat
     result = train(run, log=log)
     lora_path = result.outputs[0]
 
-    settings = SampleSettings(steps=20, cfg=5.0, sampler="ddim")
+    settings = SampleSettings(steps=sample_steps, cfg=5.0, sampler="ddim")
     seeds = list(range(len(DEMO_PROMPTS)))
-    before = sample_images(load_base("tiny"), DEMO_PROMPTS, seeds, settings)
-    after_base = load_base("tiny")
-    apply_loras(after_base, load_loras_for(after_base, [LoraSpec(lora_path)]))
-    after = sample_images(after_base, DEMO_PROMPTS, seeds, settings)
+    plain = load_base("tiny")
+    tuned = load_base("tiny")
+    apply_loras(tuned, load_loras_for(tuned, [LoraSpec(lora_path)]))
+    before = sample_images(plain, DEMO_PROMPTS, seeds, settings)
+    after = sample_images(tuned, DEMO_PROMPTS, seeds, settings)
     grid_path = save_png(
         grid(before + after, cols=len(DEMO_PROMPTS)), out / "before_after.png",
         parameters="top row: base; bottom row: base + sks_star LoRA | " + " | ".join(DEMO_PROMPTS),
     )
-    files = {"lora": lora_path, "before_after": grid_path, "previews": run.out_dir / "previews",
+    evals: dict[str, str] = {}
+    if eval_seeds:
+        subject = eval_subject(tuned, seeds=eval_seeds, settings=settings)
+        prior = compare(eval_prior(plain, seeds=eval_seeds, settings=settings),
+                        eval_prior(tuned, seeds=eval_seeds, settings=settings))
+        evals = {"subject (with the LoRA)": subject.format_table(),
+                 "prior: 'a star on a {bg} background' without / with the LoRA": prior.format_table()}
+        for name, table in evals.items():
+            log(f"\n{name}\n{table}")
+    previews = sorted((run.out_dir / "previews").glob("step_*.png"))
+    report = write_report(
+        out / "report.html",
+        title="tuner demo: sks star subject LoRA on the embedded tiny base",
+        history=run.history,
+        images=[("before (top) / after (bottom): " + " | ".join(DEMO_PROMPTS), grid_path)]
+        + [(f"preview at {p.stem.replace('_', ' ')}: " + " | ".join(recipe.preview.prompts), p) for p in previews],
+        recipe_toml=run.recipe_toml,
+        facts={
+            "base": "tiny (random stand-in)" if run.base.is_random else "tiny (pretrained)",
+            "data": f"{run.index.num_images} images, {run.arithmetic.describe()}",
+            "training time": f"{result.seconds:.0f} s, final loss {result.final_loss:.4f}",
+            "LoRA file": str(lora_path),
+        },
+        evals=evals,
+    )
+    files = {"lora": lora_path, "before_after": grid_path, "report": report, "previews": run.out_dir / "previews",
              "checkpoints": run.out_dir / "checkpoints", "data": data_root / "sks_star"}
     log("")
     log(f"demo finished in {time.perf_counter() - started:.0f} s")

@@ -98,18 +98,31 @@ def _lr_at(step: int, settings_lr: float, warmup: int, total: int) -> float:
     return settings_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _own_running_threads() -> int:
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text(encoding="ascii")
+        except OSError:
+            continue
+        count += stat[stat.rindex(")") + 2] == "R"
+    return count
+
+
 def fair_threads(max_threads: int) -> None:
     """Use one torch thread while another process wants the CPU, all of them otherwise.
 
     On a small shared machine, oversubscribed torch threads spin against each other and a step can get
-    an order of magnitude slower; one thread each is far better. Reads the runnable count of /proc/loadavg.
+    an order of magnitude slower; one thread each is far better. Counts runnable threads system-wide
+    (``/proc/loadavg``) minus this process's own.
     """
     try:
         with open("/proc/loadavg", encoding="ascii") as fh:
             runnable = int(fh.read().split()[3].split("/")[0])
+        others = runnable - _own_running_threads()
     except (OSError, ValueError, IndexError):
         return
-    torch.set_num_threads(max_threads if runnable <= 1 else 1)
+    torch.set_num_threads(max_threads if others <= 0 else 1)
 
 
 class _Clock:
