@@ -1,0 +1,27 @@
+"""Every shipped recipe validates and trains two steps on the tiny base (STYLE.md #3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuner.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.toml")) + sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 3
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_trains_two_steps(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("#"), "a recipe opens with a comment saying what it does"
+    assert "tuner train" in recipe.read_text(), "a recipe says the exact command"
+    code = main(["train", str(recipe), "--steps", "2", "--output", str(tmp_path), "--set", "preview.every=0"])
+    assert code == 0
+    assert list(tmp_path.glob("*.safetensors"))
