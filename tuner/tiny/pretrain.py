@@ -38,11 +38,11 @@ STATE_UNET = "unet_state.pt"
 @dataclass
 class PretrainSettings:
     seed: int = 0
-    vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
-    steps: int = 6000
+    steps: int = 5000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
