@@ -38,3 +38,12 @@ def test_noise_offset_adds_per_channel_constants():
     per_channel_mean = offset.mean(dim=(2, 3))
     assert per_channel_mean.std() > 0.8  # dominated by the N(0, 1) per-channel offset
     assert plain.mean(dim=(2, 3)).std() < 0.3
+
+
+def test_cli_sampler_choices_match_the_sampler():
+    from tuner.cli import build_parser
+    from tuner.sample.sampler import SAMPLERS
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    choices = next(a.choices for a in sample._actions if a.dest == "sampler")
+    assert tuple(choices) == SAMPLERS

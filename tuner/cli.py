@@ -175,6 +175,14 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """--steps, --cfg and --sampler, shared by every command that samples images. The sampler names repeat
+    ``tuner.sample.sampler.SAMPLERS`` so that ``--help`` does not import torch (a test keeps them equal)."""
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", choices=("ddim", "euler", "euler_a", "dpmpp_2m"), default="ddim")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuner", description="Personalize latent diffusion models.")
     parser.add_argument("--version", action="version", version=f"tuner {__version__}")
@@ -203,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-n", type=int, default=1, help="number of images (seeds SEED..SEED+n-1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=("ddim", "euler", "euler_a", "dpmpp_2m"), default="ddim")
+    _add_sampling_options(p)
     p.add_argument("--size", metavar="WxH", help="image size (default: the base's native size)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs as separate layers instead of merging")
@@ -259,9 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=200, help="images for base / heldout")
     p.add_argument("--seeds", type=int, default=8, help="seeds per prompt (or per shape) for the other modes")
     p.add_argument("--seed", type=int, default=0, help="first seed; scene choices are seeded with it too")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=("ddim", "euler", "euler_a", "dpmpp_2m"), default="ddim")
+    _add_sampling_options(p)
     p.add_argument("--token", default="<pink>", help="the colour token, for --mode color")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print a JSON document (every image's judgement)")

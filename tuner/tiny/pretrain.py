@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 import time
@@ -290,7 +291,7 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
     s = settings or PretrainSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(__import__("json").dumps(asdict(s), indent=2), encoding="utf-8")
+    (out / "settings.json").write_text(json.dumps(asdict(s), indent=2), encoding="utf-8")
     clock = _Clock(s.time_limit_min)
     started = time.perf_counter()
     scenes = pretrain_scenes()
@@ -313,6 +314,6 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
     base = BaseModel(family=TINY, unet=unet, vae=vae, text_encoder=te, tokenizer=build_tokenizer(),
                      scheduler_config=dict(SCHEDULER_CONFIG), source=str(final))
     export_base(base, final)
-    (out / "history.json").write_text(__import__("json").dumps(history), encoding="utf-8")
+    (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
     log(f"pretraining finished (this part: {(time.perf_counter() - started) / 60:.1f} min); wrote {final}")
     return final

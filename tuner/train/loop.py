@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tuner.adapters.lora import trainable_state
 from tuner.train.batches import batch_at, cache_latent_moments, latents_for, prompt_embeds_for
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
 from tuner.train.export import export_adapter, write_preview
@@ -66,12 +67,7 @@ def prepare_caches(run: Run, log=print) -> None:
 def save(run: Run, step: int) -> Path:
     state = CheckpointState(
         step=step,
-        trainable={
-            f"{c}.{n}": p.detach().cpu().clone()
-            for c, m in run.trained.items()
-            for n, p in m.named_parameters()
-            if p.requires_grad
-        },
+        trainable=trainable_state(run.trained),
         optimizer=run.optimizer.state_dict(),
         lr_scheduler=run.lr_scheduler.state_dict(),
         history=run.history,
