@@ -54,11 +54,16 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
+    # v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    # Sample Steps are Flawed"): with SD1's schedule the noisiest training step still leaks 6.8% of the
+    # image, so an epsilon model never has to take the layout (the object's position) from the prompt and
+    # samples place it wherever the starting noise suggests. Sampling starts at the last timestep (trailing).
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
-    "timestep_spacing": "leading",
+    "timestep_spacing": "trailing",
 }
 
 

@@ -7,7 +7,8 @@ Two stages, each resumable from its own checkpoint so the job can run in parts (
 2. the text encoder and the UNet together, on latents of every pretraining scene (cached once: the world
    has a finite set of distinct images) with captions re-drawn every time (size and position phrases each
    dropped with p = 0.3 per WORLD.md, and the whole caption dropped with ``caption_dropout`` for CFG).
-   Epsilon objective with min-SNR weighting; an EMA of the weights is what ships.
+   v-prediction on a zero-terminal-SNR schedule (see ``tuner.models.tiny.SCHEDULER_CONFIG``), plain MSE by
+   default; an EMA of the weights is what ships.
 
 This is a separate job from personalization (``tuner.train``): it trains everything from random init and
 has no adapter, so it does not go through the adapter loop.
@@ -47,7 +48,8 @@ class PretrainSettings:
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 0.0
+    """0 = plain v-prediction loss. Min-SNR weights the noisiest steps (where layout is decided) near zero."""
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every: int = 250
@@ -200,7 +202,7 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
 
     from tuner.models.prompts import tokenize
     from tuner.models.tiny import SCHEDULER_CONFIG, UNET_CONFIG, build_tokenizer, text_encoder_config
-    from tuner.train.objective import add_noise, diffusion_loss
+    from tuner.train.objective import add_noise, diffusion_loss, target_for
 
     tokenizer = build_tokenizer()
     torch.manual_seed(s.seed + 1)
@@ -252,7 +254,8 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
         noisy, noise, timesteps = add_noise(latents, sched, gen)
         embeds = te(tokenize(tokenizer, captions))[0]
         pred = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
-        loss = diffusion_loss(pred, noise, timesteps, sched, prediction_type="epsilon",
+        target = target_for(sched.config.prediction_type, latents, noise, timesteps, sched)
+        loss = diffusion_loss(pred, target, timesteps, sched, prediction_type=sched.config.prediction_type,
                               min_snr_gamma=s.min_snr_gamma).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

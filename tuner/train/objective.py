@@ -59,6 +59,7 @@ def diffusion_loss(
     if min_snr_gamma > 0:
         s = snr(noise_scheduler, timesteps)
         clipped = torch.clamp(s, max=min_snr_gamma)
-        weight = clipped / (s + 1.0) if prediction_type == "v_prediction" else clipped / s
+        # a zero-terminal-SNR schedule has snr == 0 at its last step: keep epsilon's weight finite there
+        weight = clipped / (s + 1.0) if prediction_type == "v_prediction" else clipped / s.clamp(min=1e-8)
         loss = loss * weight
     return loss
