@@ -48,7 +48,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from tuner.models.base import load_base
-    from tuner.sample.generate import LoraSpec, apply_loras, generate, load_loras_for
+    from tuner.sample.generate import (
+        EmbeddingSpec,
+        LoraSpec,
+        apply_embeddings,
+        apply_loras,
+        generate,
+        load_loras_for,
+        read_embeddings,
+    )
     from tuner.sample.sampler import SampleSettings
 
     if args.steps < 1 or args.n < 1:
@@ -65,16 +73,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for spec in specs:  # before the (slow) base load
         if not spec.path.is_file():
             raise TunerError(f"LoRA file '{spec.path}' does not exist")
+    embeddings = read_embeddings([EmbeddingSpec.parse(s) for s in args.embedding or ()])  # fail fast too
     base = load_base(args.base)
     for note in base.notes:
         print(f"NOTE: {note}")
+    apply_embeddings(base, embeddings)
     loras = load_loras_for(base, specs, lenient=args.lenient)
     apply_loras(base, loras, merge=not args.no_merge)
     settings = SampleSettings(
         steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=width, height=height, negative=args.negative
     )
     paths = generate(
-        base, loras, prompt=args.prompt, count=args.n, seed=args.seed, settings=settings, out_dir=Path(args.out)
+        base, loras, prompt=args.prompt, count=args.n, seed=args.seed, settings=settings, out_dir=Path(args.out),
+        embeddings=embeddings,
     )
     for path in paths:
         print(f"wrote {path}")
@@ -95,6 +106,26 @@ def cmd_export_base(args: argparse.Namespace) -> int:
     base = load_base(args.base)
     out = export_base(base, args.out)
     print(f"wrote diffusers folder {out} (load it with StableDiffusionPipeline.from_pretrained)")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from tuner.adapters.extract import (
+        SAVE_DTYPES,
+        check_extract_paths,
+        extract_lora,
+        format_report,
+        save_extracted,
+    )
+    from tuner.models.base import load_base
+
+    check_extract_paths(args.base, args.tuned, args.out)  # before the (slow) model loads
+    base, tuned = load_base(args.base), load_base(args.tuned)
+    result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.conv_rank, min_diff=args.min_diff,
+                          text_encoder=not args.no_text_encoder)
+    print(format_report(result))
+    digest = save_extracted(args.out, result, dtype=SAVE_DTYPES[args.save_dtype])
+    print(f"wrote {args.out} ({len(result.weights.modules)} modules, {args.save_dtype}, sshs {digest[:12]})")
     return 0
 
 
@@ -207,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images, optionally with LoRAs")
     p.add_argument("--base", default="tiny", help="'tiny' or a local diffusers folder")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA file and scale (repeatable)")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding; TOKEN overrides the file's trigger (repeatable)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-n", type=int, default=1, help="number of images (seeds SEED..SEED+n-1)")
@@ -227,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="'tiny' or a local diffusers folder")
     p.add_argument("--out", required=True, help="new output folder")
     p.set_defaults(func=cmd_export_base)
+
+    p = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model minus its base (SVD)")
+    p.add_argument("--base", required=True, help="the original model: 'tiny' or a local diffusers folder")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model (e.g. DreamBooth output), same family")
+    p.add_argument("--rank", type=int, required=True, help="rank of Linear and 1x1-conv modules (alpha = rank)")
+    p.add_argument("--conv-rank", type=int, help="rank of 3x3 convs (LoCon); without it they are left out")
+    p.add_argument("--min-diff", type=float, default=0.01,
+                   help="keep the text encoder only if some weight changed by more than this")
+    p.add_argument("--no-text-encoder", action="store_true", help="extract the UNet only")
+    p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--out", required=True, help="output .safetensors file (kohya format)")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("demo", help="the main job on the embedded base: train a subject LoRA, sample before/after")
     p.add_argument("--out", default="out/demo", help="output folder")

@@ -10,6 +10,8 @@ Modules, by role:
 * :mod:`~tuner.formats.metadata`: ``ss_*``, ``modelspec.*``, the ``tuner`` block and the sshs hashes.
 * :mod:`~tuner.formats.detect`: which format and family a file is.
 * :mod:`~tuner.formats.lorafile`: ``save_lora`` / ``load_lora``, the entry points.
+* :mod:`~tuner.formats.embeddings`: textual-inversion files (``read_embedding``, kohya/diffusers/A1111
+  writers, ``bundle_emb`` keys).
 * :mod:`~tuner.formats.inspect`: ``inspect_file`` / ``format_inspection`` for ``tuner inspect``.
 
 The in-memory representation is :class:`tuner.adapters.types.LoraWeights` with canonical module keys.

@@ -15,7 +15,15 @@ from typing import Any
 
 from tuner.errors import FormatError
 from tuner.formats.common import decode_metadata
-from tuner.formats.detect import EMBEDDING_FORMATS, KOHYA_FORMATS, PEFT_FORMATS, detect_family, detect_format
+from tuner.formats.detect import (
+    EMBEDDING_FORMATS,
+    KOHYA_FORMATS,
+    PEFT_FORMATS,
+    detect_family,
+    detect_format,
+    family_from_shapes,
+)
+from tuner.formats.embeddings import PICKLE_SUFFIXES, EmbeddingData, describe_width, read_embedding
 from tuner.formats.io import TensorInfo, data_offset, read_header, read_tensors
 from tuner.formats.peft import parse_key
 
@@ -52,10 +60,15 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``modules``, ``targets`` ({block: modules}, e.g. ``unet.down_blocks.0``, ``text_encoder``), ``layers``
     ({leaf layer name: modules}), ``rank`` / ``alpha`` (single values, None when they vary or are unknown),
     ``rank_alpha`` ({module: {"rank", "alpha"}} only when they vary), ``dtype`` (a name, or {name: count}),
-    ``embeddings`` ({key: shape} for embedding files), ``metadata`` (every entry, JSON values decoded) and
-    ``hashes`` (stored vs recomputed ``sshs_model_hash``, ``matches``: bool, or None when none is stored).
+    ``embeddings`` ({key: shape} for embedding files), ``embedding`` (for embedding files and bundles: the
+    layout, token, ``vectors`` {key: "n x D"} and the family the width implies, or ``problem``),
+    ``metadata`` (every entry, JSON values decoded) and ``hashes`` (stored vs recomputed
+    ``sshs_model_hash``, ``matches``: bool, or None when none is stored). ``.pt``/``.bin`` files are read
+    as embeddings only (``weights_only``; anything else is refused).
     """
     p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        return _inspect_pickled_embedding(p)
     metadata, header = read_header(p)
     shapes = {k: shape for k, (_, shape) in header.items()}
     info: dict[str, Any] = {"path": str(p), "size_bytes": p.stat().st_size, "tensors": len(header)}
@@ -81,9 +94,45 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             for k, shape in shapes.items()
             if fmt != "kohya-bundle" or k.startswith("bundle_emb.")
         }
+        info["embedding"] = _embedding_summary(p)
     info["metadata"] = decode_metadata(metadata)
     info["hashes"] = _hashes(p, metadata)
     return info
+
+
+def _embedding_summary(p: Path) -> dict[str, Any]:
+    """Layout, token, vector shapes and the family their width implies (or the reading problem)."""
+    try:
+        return _summarise(read_embedding(p))
+    except FormatError as exc:
+        return {"problem": str(exc)}
+
+
+def _summarise(data: EmbeddingData) -> dict[str, Any]:
+    widths = {key: int(v.shape[1]) for key, v in data.vectors.items()}
+    implied = "SDXL" if data.is_sdxl else describe_width(next(iter(widths.values())))
+    return {
+        "format": data.format,
+        "token": data.token,
+        "vectors": {key: f"{data.n_vectors} x {w}" for key, w in widths.items()},
+        "implies": implied,
+    }
+
+
+def _inspect_pickled_embedding(p: Path) -> dict[str, Any]:
+    """:func:`inspect_file` for a ``.pt``/``.bin`` embedding (read with ``weights_only=True``)."""
+    data = read_embedding(p)
+    shapes = {("clip_g" if k == "clip_g" else "emb_params"): tuple(v.shape) for k, v in data.vectors.items()}
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    return {
+        "path": str(p), "size_bytes": p.stat().st_size, "tensors": len(data.vectors),
+        "format": f"embedding-{data.format}", "family": family_from_shapes(shapes), "method": "embedding",
+        "modules": 0, "targets": {}, "layers": {}, "rank": None, "alpha": None, "dtype": "pickle",
+        "embeddings": {k: list(v.shape) for k, v in data.vectors.items()},
+        "embedding": _summarise(data), "metadata": dict(data.metadata),
+        "hashes": {"sshs_model_hash": None, "recomputed": digest, "matches": None,
+                   "modelspec_hash_matches": None, "sshs_legacy_hash": None},
+    }  # fmt: skip
 
 
 def _modules(fmt: str, header: dict[str, TensorInfo]) -> dict[str, dict[str, Any]]:
@@ -204,6 +253,13 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append("  layers:  " + ", ".join(f"{layer} ({n})" for layer, n in info["layers"].items()))
     for key, shape in info.get("embeddings", {}).items():
         lines.append(f"  embedding {key}: {shape}")
+    summary = info.get("embedding") or {}
+    if summary.get("problem"):
+        lines.append("  embedding problem: " + summary["problem"])
+    elif summary:
+        vectors = ", ".join(f"{k} {v}" for k, v in summary["vectors"].items())
+        lines.append(f"  embedding: token '{summary['token']}' ({summary['format']} layout), vectors {vectors}, "
+                     f"width implies {summary['implies']}")
     hashes = info["hashes"]
     verdict = {True: "matches", False: "DOES NOT MATCH", None: "not stored"}[hashes["matches"]]
     lines.append(

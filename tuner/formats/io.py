@@ -84,9 +84,14 @@ def save_safetensors(
     temporary file is removed and an existing file at ``path`` is left untouched. Metadata values must be
     ``str`` (``TypeError`` before anything is written).
     """
-    target = Path(path)
     meta = check_metadata(metadata)
-    data = save(prepare_tensors(tensors), metadata=meta or None)
+    write_bytes_atomic(path, save(prepare_tensors(tensors), metadata=meta or None))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, flushed, fsynced and
+    renamed over ``path``. On failure the temporary file is removed and an existing ``path`` is untouched."""
+    target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -1,4 +1,5 @@
-"""``tuner sample``: a base plus any number of LoRA files, merged (default) or as live layers."""
+"""``tuner sample``: a base plus any number of LoRA files, merged (default) or as live layers, and any
+number of textual-inversion embedding files."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuner.adapters.embedding import add_embedding
 from tuner.adapters.lora import attach_lora_file, candidate_keys, check_shapes, merge_lora
 from tuner.adapters.types import LoraWeights
 from tuner.errors import TunerError
+from tuner.formats.embeddings import EmbeddingData, file_short_hash, read_embedding
 from tuner.formats.kohya import kohya_name_table
 from tuner.formats.lorafile import load_lora
 from tuner.models.base import BaseModel
@@ -66,6 +69,60 @@ def apply_loras(base: BaseModel, loras: Sequence[LoadedLora], *, merge: bool = T
             attach_lora_file(models, lora.weights, adapter_name=f"lora{i}", multiplier=lora.spec.scale)
 
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    path: Path
+    token: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> EmbeddingSpec:
+        """``FILE`` or ``FILE:TOKEN`` (a text naming an existing file is always just ``FILE``)."""
+        head, sep, tail = text.rpartition(":")
+        if sep and head and tail and not Path(text).exists() and "/" not in tail and "\\" not in tail:
+            return cls(Path(head), tail)
+        return cls(Path(text))
+
+
+@dataclass
+class LoadedEmbedding:
+    spec: EmbeddingSpec
+    data: EmbeddingData
+    short_hash: str
+
+    @property
+    def token(self) -> str:
+        return self.data.token
+
+
+def read_embeddings(specs: Sequence[EmbeddingSpec]) -> list[LoadedEmbedding]:
+    """Read every embedding file (before the slow base load, so a bad file fails fast); TOKEN overrides
+    the file's token. SDXL (``clip_l``/``clip_g``) files are a :class:`TunerError` until the SDXL family
+    lands, as are two files registering the same token."""
+    loaded: list[LoadedEmbedding] = []
+    for spec in specs:
+        data = read_embedding(spec.path, spec.token)
+        if data.is_sdxl:
+            raise TunerError(
+                f"{spec.path}: this is an SDXL embedding (clip_l + clip_g vectors); SDXL embeddings will be "
+                "supported together with the SDXL families. Only SD1-style bases can be sampled now."
+            )
+        if any(other.token == data.token for other in loaded):
+            raise TunerError(f"{spec.path}: token '{data.token}' is already used by another --embedding; "
+                             "give one of them another token with FILE:TOKEN")
+        loaded.append(LoadedEmbedding(spec, data, file_short_hash(spec.path)))
+    return loaded
+
+
+def apply_embeddings(base: BaseModel, embeddings: Sequence[LoadedEmbedding]) -> None:
+    """Register each embedding's token(s) in the base's tokenizer and write its vectors into the text
+    encoder (:func:`~tuner.adapters.embedding.add_embedding`; width and clashes are checked there)."""
+    if len(base.text_encoders) != 1:
+        raise TunerError(f"embeddings are supported on one-text-encoder bases only, not {base.family.name}")
+    for emb in embeddings:
+        (vectors,) = emb.data.vectors.values()
+        add_embedding(base.tokenizer, base.text_encoder, emb.token, vectors, source=str(emb.spec.path))
+
+
 def generate(
     base: BaseModel,
     loras: Sequence[LoadedLora],
@@ -76,19 +133,24 @@ def generate(
     settings: SampleSettings,
     out_dir: Path,
     stem: str = "sample",
+    embeddings: Sequence[LoadedEmbedding] = (),
 ) -> list[Path]:
     """Write ``count`` PNGs (seeds ``seed .. seed+count-1``) with A1111 ``parameters`` chunks, plus a grid
-    when ``count > 1``. Returns the paths."""
+    when ``count > 1``. Returns the paths. Embeddings whose token the prompt or negative prompt uses are
+    listed as A1111 does, ``TI hashes: "token: <first 12 hex of the file's SHA-256>"``."""
     seeds = [seed + i for i in range(count)]
     images = sample_images(base, [prompt] * count, seeds, settings)
     width = settings.width or base.family.resolution
     height = settings.height or base.family.resolution
     lora_info = [(lo.name, lo.spec.scale, lo.short_hash) for lo in loras]
+    said = f"{prompt} {settings.negative}".lower()
+    used = [f"{e.token}: {e.short_hash}" for e in embeddings if e.token.lower() in said]
+    extra = {"TI hashes": '"' + ", ".join(used) + '"'} if used else None
     paths = []
     for s, image in zip(seeds, images):
         text = infotext(
             prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
-            cfg=settings.cfg, seed=s, width=width, height=height, loras=lora_info,
+            cfg=settings.cfg, seed=s, width=width, height=height, loras=lora_info, extra=extra,
         )
         paths.append(save_png(image, out_dir / f"{stem}_{s}.png", parameters=text))
     if count > 1:
