@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,16 @@ def test_recipe_trains_two_steps(recipe, tmp_path, monkeypatch):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("#"), "a recipe opens with a comment saying what it does"
     assert "tuner train" in recipe.read_text(), "a recipe says the exact command"
-    code = main(["train", str(recipe), "--steps", "2", "--output", str(tmp_path), "--set", "preview.every=0"])
+    args = ["train", str(recipe), "--steps", "2", "--output", str(tmp_path), "--set", "preview.every=0",
+            "--set", "prior.num_images=2", "--set", "prior.steps=2"]
+    if "sd15" in recipe.parts:  # real-model recipes: same settings, run on the tiny base and a tiny data set
+        args += ["--base", "tiny", "--resolution", "64",
+                 "--set", "train.mixed_precision=no", "--set", "optim.optimizer=adamw"]
+        if "embedding" in tomllib.loads(recipe.read_text()):  # its token must be in the captions
+            args += ["--data", "datasets/pink", "--set", 'embedding.tokens=["<pink>"]',
+                     "--set", 'embedding.init_words=["purple"]']
+        else:
+            args += ["--data", "datasets/sks_star"]
+    code = main(args)
     assert code == 0
-    assert list(tmp_path.glob("*.safetensors"))
+    assert list(tmp_path.rglob("*.safetensors"))

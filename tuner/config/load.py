@@ -263,6 +263,12 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("preview.every", lambda v: v >= 0, ">= 0 (0 = no previews)"),
     ("preview.steps", lambda v: v >= 1, ">= 1"),
+    ("embedding.vectors", lambda v: 1 <= v <= 75, "between 1 and 75"),
+    ("embedding.learning_rate", lambda v: v > 0, "> 0"),
+    ("prior.num_images", lambda v: v >= 1, ">= 1"),
+    ("prior.loss_weight", lambda v: v >= 0, ">= 0"),
+    ("prior.steps", lambda v: v >= 1, ">= 1"),
+    ("train.ema_decay", lambda v: 0 <= v < 1, "0 (off) or a decay in (0, 1), e.g. 0.999"),
     ("output.name", lambda v: v != "" and not set(v) & set("/\\"), "a non-empty file stem without / or \\"),
 ]
 
@@ -277,6 +283,23 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if not recipe.data.center_crop and recipe.train.cache_latents:
         out.append(("data.center_crop", "data.center_crop = False with train.cache_latents = True: random "
                     "crops need train.cache_latents = false, because cached latents fix the crop"))
+    if recipe.adapter.method in ("textual_inversion", "pivotal"):
+        e = recipe.embedding
+        if not e.tokens:
+            out.append(("embedding.tokens", f"embedding.tokens = []: adapter.method = {recipe.adapter.method!r} "
+                        "needs at least one new token, e.g. tokens = [\"<pink>\"]"))
+        if len(e.init_words) != len(e.tokens):
+            out.append(("embedding.init_words", f"embedding.init_words = {_show(e.init_words)}: expected one word "
+                        f"per token ({len(e.tokens)}), e.g. init_words = [\"pink\"]"))
+        if len(set(e.tokens)) != len(e.tokens):
+            out.append(("embedding.tokens", f"embedding.tokens = {_show(e.tokens)}: tokens must be distinct"))
+    p = recipe.prior
+    if p.enabled and not p.class_prompts and not p.class_dir:
+        out.append(("prior.class_prompts", "prior.class_prompts = []: prior preservation needs class prompts to "
+                    "generate class images (or prior.class_dir with captioned class images)"))
+    if p.enabled and recipe.adapter.method == "textual_inversion":
+        out.append(("prior.enabled", "prior.enabled = true with adapter.method = 'textual_inversion': prior "
+                    "preservation protects weights, and textual inversion changes none; use 'pivotal' or 'lora'"))
     if recipe.preview.every > 0 and not recipe.preview.prompts:
         out.append(("preview.every", "preview.prompts = []: expected at least one prompt when "
                     f"preview.every = {recipe.preview.every} (or set preview.every = 0)"))

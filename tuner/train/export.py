@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tuner.adapters.lora import extract_lora
-from tuner.adapters.types import LoraWeights
+from tuner.adapters.types import COMPONENTS, LoraWeights
 from tuner.formats.io import save_safetensors
 from tuner.formats.lorafile import save_lora
 from tuner.formats.metadata import build_lora_metadata
@@ -25,6 +25,8 @@ def run_weights(run: Run) -> LoraWeights:
     """The trained adapter as canonical LoraWeights (unwrapped from accelerate/DDP)."""
     modules = {}
     for component, module in run.trained.items():
+        if component not in COMPONENTS:  # "embedding": token vectors, not LoRA layers
+            continue
         modules.update(extract_lora(component, run.accelerator.unwrap_model(module)))
     return LoraWeights(modules=modules)
 
@@ -49,7 +51,8 @@ def training_metadata(run: Run) -> dict[str, str]:
         "ss_batch_size_per_device": str(r.train.batch_size),
         "ss_total_batch_size": str(r.train.batch_size * r.train.gradient_accumulation),
         "ss_num_train_images": str(run.index.samples_per_epoch),
-        "ss_num_reg_images": "0",
+        "ss_num_reg_images": str(len(run.class_dataset.index.items) if run.class_dataset else 0),
+        "ss_prior_loss_weight": str(r.prior.loss_weight if r.prior.enabled else 0.0),
         "ss_mixed_precision": r.train.mixed_precision,
         "ss_seed": str(r.train.seed),
         "ss_noise_offset": str(r.train.noise_offset),
@@ -71,50 +74,150 @@ def training_metadata(run: Run) -> dict[str, str]:
 
 
 def export_adapter(run: Run) -> list[Path]:
-    """Write ``<name>.safetensors`` (kohya format), ``<name>.toml`` (the resolved recipe) and, when asked,
-    ``<name>.peft.safetensors`` (diffusers/PEFT keys). Returns the written paths."""
+    """Write what the run's method saves (``Method.saves``) and ``<name>.toml`` (the resolved recipe) into
+    the output folder; returns the written paths. Every file is written to a temporary name and renamed."""
     out = run.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    name = run.recipe.output.name
-    weights = run_weights(run)
+    paths: list[Path] = []
+    for kind in run.method.saves:
+        paths += WRITERS[kind](run)
+    recipe_path = out / f"{run.recipe.output.name}.toml"
+    tmp = recipe_path.with_suffix(".toml.tmp")
+    tmp.write_text(run.recipe_toml, encoding="utf-8")
+    tmp.replace(recipe_path)
+    paths.append(recipe_path)
+    return paths
+
+
+def trigger_words(run: Run) -> list[str]:
+    """The recipe's trigger words, or the new tokens of an embedding method when none are given."""
+    return list(run.recipe.output.trigger_words) or list(run.adapter.tokens)
+
+
+def lora_metadata(run: Run, weights: LoraWeights, *, rank: int, alpha: float, extra: dict | None = None) -> dict[str, str]:
     a = run.adapter
-    resolution = run.recipe.data.resolution or run.base.family.resolution
-    metadata = build_lora_metadata(
+    return build_lora_metadata(
         family=run.base.family,
-        rank=a.rank,
-        alpha=a.alpha,
+        rank=rank,
+        alpha=alpha,
         network_args=run.method.network_args(a),
-        output_name=name,
+        output_name=run.recipe.output.name,
         training=training_metadata(run),
         tuner_block={
             "method": run.method.name,
             "family": run.base.family.name,
             "targets": a.targets,
             "train_text_encoder": a.train_text_encoder,
+            "prior_preservation": run.recipe.prior.enabled,
+            "ema_decay": run.recipe.train.ema_decay,
             "recipe_hash": run.recipe_hash,
             "base": run.base.source,
             "base_is_random": run.base.is_random,
+            **(extra or {}),
         },
-        title=name,
-        trigger_words=list(run.recipe.output.trigger_words),
-        resolution=resolution,
+        title=run.recipe.output.name,
+        trigger_words=trigger_words(run),
+        resolution=run.recipe.data.resolution or run.base.family.resolution,
         prediction_type=run.base.prediction_type,
     )
-    paths = []
-    lora_path = out / f"{name}.safetensors"
-    save_lora(lora_path, weights, run.base.family, dtype=SAVE_DTYPES[run.recipe.output.save_dtype], metadata=metadata)
-    paths.append(lora_path)
-    recipe_path = out / f"{name}.toml"
-    tmp = recipe_path.with_suffix(".toml.tmp")
-    tmp.write_text(run.recipe_toml, encoding="utf-8")
-    tmp.replace(recipe_path)
-    paths.append(recipe_path)
+
+
+def write_lora(run: Run) -> list[Path]:
+    """``<name>.safetensors`` (kohya), ``<name>.peft.safetensors`` on request, and for pivotal tuning with
+    ``embedding.a1111_bundle`` also ``<name>.bundle.safetensors`` (the LoRA plus ``bundle_emb.*`` keys)."""
+    out, name = run.out_dir, run.recipe.output.name
+    weights = run_weights(run)
+    metadata = lora_metadata(run, weights, rank=run.adapter.rank, alpha=run.adapter.alpha)
+    dtype = SAVE_DTYPES[run.recipe.output.save_dtype]
+    paths = [out / f"{name}.safetensors"]
+    save_lora(paths[0], weights, run.base.family, dtype=dtype, metadata=metadata)
     if run.recipe.output.peft_export:
         tensors, peft_meta = to_peft_state_dict(weights)
-        peft_path = out / f"{name}.peft.safetensors"
-        save_safetensors(peft_path, tensors, peft_meta)
-        paths.append(peft_path)
+        paths.append(out / f"{name}.peft.safetensors")
+        save_safetensors(paths[-1], tensors, peft_meta)
+    if "embedding" in run.trained and run.recipe.embedding.a1111_bundle:
+        from tuner.formats.embeddings import bundle_keys
+        from tuner.formats.kohya import to_kohya_state_dict
+        from tuner.formats.metadata import finalize_lora_file
+
+        tensors = to_kohya_state_dict(weights, run.base.family, dtype=dtype)
+        for token in run.adapter.tokens:
+            tensors.update(bundle_keys(token, embedding_module(run).vectors(token).to(dtype)))
+        paths.append(out / f"{name}.bundle.safetensors")
+        save_safetensors(paths[-1], tensors, finalize_lora_file(tensors, metadata))
     return paths
+
+
+def embedding_module(run: Run):
+    return run.accelerator.unwrap_model(run.trained["embedding"])
+
+
+def embedding_stem(token: str) -> str:
+    """A file stem for ``token`` that is valid on every OS (``<pink>`` -> ``pink``). A1111 and ComfyUI use the
+    file stem as the embedding's name in prompts."""
+    stem = "".join(c for c in token if c.isalnum() or c in "-_")
+    return stem or "embedding"
+
+
+def write_embeddings(run: Run) -> list[Path]:
+    """Per token: ``embeddings/<stem>.safetensors`` (kohya ``emb_params``: A1111, ComfyUI, kohya) and
+    ``embeddings/<stem>.diffusers.safetensors`` (``{token: vectors}``: diffusers ``load_textual_inversion``)."""
+    from tuner.formats.embeddings import save_diffusers_embedding, save_kohya_embedding
+
+    module = embedding_module(run)
+    dtype = SAVE_DTYPES[run.recipe.output.save_dtype]
+    folder = run.out_dir / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for token in run.adapter.tokens:
+        vectors = module.vectors(token).detach().float().cpu().to(dtype)
+        stem = embedding_stem(token)
+        metadata = {
+            "ss_output_name": stem,
+            "ss_steps": str(len(run.history["loss"])),
+            "ss_base_model_version": run.base.family.ss_base_model_version,
+            "tuner": json.dumps({"method": run.method.name, "token": token, "vectors": int(vectors.shape[0]),
+                                 "family": run.base.family.name, "recipe_hash": run.recipe_hash,
+                                 "base": run.base.source}),
+        }
+        paths.append(folder / f"{stem}.safetensors")
+        save_kohya_embedding(paths[-1], vectors, metadata)
+        paths.append(folder / f"{stem}.diffusers.safetensors")
+        save_diffusers_embedding(paths[-1], token, vectors)
+    return paths
+
+
+def write_model(run: Run) -> list[Path]:
+    """DreamBooth: the fine-tuned base as a diffusers folder ``model/``, and ``<name>.safetensors``, a LoRA
+    of rank ``adapter.rank`` extracted by SVD from the difference to the original base."""
+    from tuner.adapters.extract import extract_lora as extract_from_models
+    from tuner.models.base import BaseModel, export_base, load_base
+
+    tuned = BaseModel(
+        family=run.base.family,
+        unet=run.accelerator.unwrap_model(run.base.unet),
+        vae=run.base.vae,
+        text_encoder=run.accelerator.unwrap_model(run.base.text_encoder),
+        tokenizer=run.base.tokenizer,
+        scheduler_config=run.base.scheduler_config,
+        source=str(run.out_dir / "model"),
+    )
+    folder = export_base(tuned, run.out_dir / "model")
+    original = load_base(run.recipe.model.base)
+    a = run.adapter
+    result = extract_from_models(
+        original, tuned, rank=a.rank, conv_rank=a.conv_rank if a.targets == "locon" else None,
+        text_encoder=a.train_text_encoder,
+    )
+    weights = result.weights
+    lora_path = run.out_dir / f"{run.recipe.output.name}.safetensors"
+    metadata = lora_metadata(run, weights, rank=a.rank, alpha=float(a.rank),
+                             extra={"extracted_retained_energy_mean": result.summary.mean_retained})
+    save_lora(lora_path, weights, run.base.family, dtype=SAVE_DTYPES[run.recipe.output.save_dtype], metadata=metadata)
+    return [folder, lora_path]
+
+
+WRITERS = {"lora": write_lora, "embedding": write_embeddings, "model": write_model}
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ clip, step, log, preview, checkpoint; export at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +33,33 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def compute_loss(run: Run, micro_step: int, generator: torch.Generator) -> torch.Tensor:
-    """Mean diffusion loss of one micro-batch (scalar, fp32)."""
+    """Mean diffusion loss of one micro-batch (scalar, fp32). With prior preservation the micro-batch also
+    holds as many class images, and their mean loss is added with weight ``prior.loss_weight``."""
     cfg, base = run.recipe.train, run.base
-    batch = batch_at(run.dataset, micro_step, cfg.batch_size)
-    latents = latents_for(
-        batch, vae=base.vae, latent_scale=base.latent_scale, generator=generator,
-        cache=run.latent_cache, device=run.device,
-    )
-    noisy, noise, timesteps = add_noise(latents, run.noise_scheduler, generator, noise_offset=cfg.noise_offset)
-    target = target_for(base.prediction_type, latents, noise, timesteps, run.noise_scheduler)
-    embeds = prompt_embeds_for(
-        batch.captions, text_encoder=base.text_encoder, tokenizer=base.tokenizer, cache=run.prompt_cache
-    )
+    parts = [(run.dataset, run.latent_cache)]
+    if run.class_dataset is not None:
+        parts.append((run.class_dataset, run.class_latent_cache))
+    latents, captions = [], []
+    for dataset, cache in parts:
+        batch = batch_at(dataset, micro_step, cfg.batch_size)
+        latents.append(latents_for(
+            batch, vae=base.vae, latent_scale=base.latent_scale, generator=generator, cache=cache, device=run.device,
+        ))
+        captions += batch.captions
+    latents_all = torch.cat(latents)
+    noisy, noise, timesteps = add_noise(latents_all, run.noise_scheduler, generator, noise_offset=cfg.noise_offset)
+    target = target_for(base.prediction_type, latents_all, noise, timesteps, run.noise_scheduler)
+    embeds = prompt_embeds_for(captions, text_encoder=base.text_encoder, tokenizer=base.tokenizer, cache=run.prompt_cache)
     with run.accelerator.autocast():
         pred = base.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
     loss = diffusion_loss(
         pred, target, timesteps, run.noise_scheduler,
         prediction_type=base.prediction_type, min_snr_gamma=cfg.min_snr_gamma,
     )
-    return loss.mean()
+    n = cfg.batch_size
+    if run.class_dataset is None:
+        return loss.mean()
+    return loss[:n].mean() + run.recipe.prior.loss_weight * loss[n:].mean()
 
 
 def prepare_caches(run: Run, log=print) -> None:
@@ -58,22 +67,32 @@ def prepare_caches(run: Run, log=print) -> None:
     cfg = run.recipe.train
     if cfg.cache_latents:
         run.latent_cache = cache_latent_moments(run.dataset, run.base.vae, run.recipe.data.flip, run.device)
+        if run.class_dataset is not None:
+            run.class_latent_cache = cache_latent_moments(
+                run.class_dataset, run.base.vae, run.recipe.data.flip, run.device
+            )
         run.base.vae.to("cpu")  # only previews need it now, and they decode on the CPU
-        log(f"cached latents of {len(run.latent_cache)} image views; VAE moved off the training device")
-    if cfg.cache_prompts and "text_encoder" not in run.trained:
+        cached = len(run.latent_cache) + len(run.class_latent_cache or ())
+        log(f"cached latents of {cached} image views; VAE moved off the training device")
+    if cfg.cache_prompts and run.text_encoder_frozen:
         run.prompt_cache = {}
 
 
 def save(run: Run, step: int) -> Path:
     state = CheckpointState(
         step=step,
-        trainable=trainable_state(run.trained),
+        trainable={**trainable_state(run.trained), **(run.ema.state() if run.ema else {})},
         optimizer=run.optimizer.state_dict(),
         lr_scheduler=run.lr_scheduler.state_dict(),
         history=run.history,
         recipe_toml=run.recipe_toml,
     )
     return save_checkpoint(run.out_dir / "checkpoints", state, keep=run.recipe.train.keep_checkpoints)
+
+
+def averaged(run: Run):
+    """The EMA weights in place when EMA is on (previews and export use them), else a no-op."""
+    return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
 
 
 def train(run: Run, log=print) -> TrainResult:
@@ -99,6 +118,8 @@ def train(run: Run, log=print) -> TrainResult:
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update()
         step += 1
         lr = run.lr_scheduler.get_last_lr()[0]
         run.history["loss"].append(loss_sum)
@@ -106,12 +127,14 @@ def train(run: Run, log=print) -> TrainResult:
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
         bar.update()
         if preview.every and step % preview.every == 0:
-            write_preview(run, step)
+            with averaged(run):
+                write_preview(run, step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save(run, step)
     bar.close()
     save(run, step)
-    outputs = export_adapter(run)
+    with averaged(run):
+        outputs = export_adapter(run)
     seconds = time.perf_counter() - started
     final = sum(run.history["loss"][-10:]) / max(1, len(run.history["loss"][-10:]))
     return TrainResult(outputs=outputs, final_loss=final, seconds=seconds, steps=step)
@@ -134,7 +157,8 @@ def restore(run: Run, checkpoint: Path, log=print) -> None:
         current = tomllib.loads(run.recipe_toml)
         differ = [
             f"{table}.{key}: checkpoint {saved[table].get(key)!r}, now {value!r}"
-            for table in ("model", "adapter", "data")
+            for table in ("model", "adapter", "embedding", "prior", "data")
+            if table in saved  # tables added after a checkpoint was made are not compared
             for key, value in current[table].items()
             if saved.get(table, {}).get(key) != value and key not in ("strict", "path")
         ]
@@ -152,6 +176,12 @@ def restore(run: Run, checkpoint: Path, log=print) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state.trainable[name].to(p.dtype))
+    if run.ema is not None:
+        try:
+            run.ema.load(state.trainable)
+        except KeyError as exc:
+            raise TunerError(f"checkpoint '{checkpoint}' has no EMA weights ({exc}); it was saved with "
+                             "train.ema_decay = 0. Resume with train.ema_decay = 0 or start a new run.") from None
     run.optimizer.load_state_dict(state.optimizer)
     run.lr_scheduler.load_state_dict(state.lr_scheduler)
     run.start_step = state.step

@@ -1,7 +1,8 @@
 """Training methods as small records (STYLE.md #1): what is trainable and what is saved.
 
-Every method runs through the same loop (``tuner.train.loop``). Adding DreamBooth or textual inversion
-means adding a record here, not a second training script.
+Every method runs through the same loop (``tuner.train.loop``); a method is a record here, not a second
+training script. Prior preservation (DreamBooth) is not a method: any method that changes weights can pair
+its instance images with class images (``[prior]``), which is how DreamBooth-LoRA is ``lora`` + prior.
 """
 
 from __future__ import annotations
@@ -29,21 +30,33 @@ class AdapterSettings:
     train_text_encoder: bool
     text_encoder_rank: int
     text_encoder_alpha: float
+    tokens: tuple[str, ...] = ()
+    init_words: tuple[str, ...] = ()
+    vectors: int = 1
 
 
 @dataclass(frozen=True)
 class Method:
     """``attach`` makes the chosen parts trainable and returns component -> module for each trained
-    component. ``network_args`` describes the adapter for the file metadata (kohya ``ss_network_args``)."""
+    component (``unet``, ``text_encoder``, or ``embedding`` for new token vectors, which get their own
+    learning rate). ``network_args`` describes the adapter for the file metadata (kohya
+    ``ss_network_args``). ``saves``: the artifacts the export writes, in order: ``lora`` (kohya file, plus
+    PEFT on request), ``embedding`` (one file per token, kohya and diffusers layouts), ``model`` (the full
+    fine-tuned base as a diffusers folder, plus a LoRA extracted from its difference to the base)."""
 
     name: str
     attach: Callable[[Any, AdapterSettings], dict[str, nn.Module]]
     network_args: Callable[[AdapterSettings], dict[str, str]]
+    saves: tuple[str, ...]
+
+
+def _freeze(base: Any) -> None:
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.requires_grad_(False)
 
 
 def _attach_lora(base: Any, s: AdapterSettings) -> dict[str, nn.Module]:
-    for module in (base.unet, base.vae, base.text_encoder):
-        module.requires_grad_(False)
+    _freeze(base)
     conv = s.targets == "locon"
     targets = unet_targets(base.unet, s.targets)
     if not targets:
@@ -76,6 +89,53 @@ def _lora_network_args(s: AdapterSettings) -> dict[str, str]:
     return args
 
 
+def _attach_full(base: Any, s: AdapterSettings) -> dict[str, nn.Module]:
+    """DreamBooth: every UNet weight trains (and every text-encoder weight with train_text_encoder)."""
+    _freeze(base)
+    base.unet.requires_grad_(True)
+    trained = {"unet": base.unet}
+    if s.train_text_encoder:
+        base.text_encoder.requires_grad_(True)
+        trained["text_encoder"] = base.text_encoder
+    return trained
+
+
+def _attach_embeddings(base: Any, s: AdapterSettings, *, freeze: bool = True) -> dict[str, nn.Module]:
+    """Textual inversion: new tokens whose vectors alone train; every existing row stays as it was."""
+    from tuner.adapters.embedding import install_placeholders
+
+    if freeze:
+        _freeze(base)
+    module = None
+    for token, word in zip(s.tokens, s.init_words, strict=True):  # one module holds every placeholder
+        module = install_placeholders(base.tokenizer, base.text_encoder, token, s.vectors, word)
+    if module is None:
+        raise TunerError("textual inversion needs at least one token (embedding.tokens)")
+    return {"embedding": module}
+
+
+def _attach_pivotal(base: Any, s: AdapterSettings) -> dict[str, nn.Module]:
+    """Pivotal tuning: the new token vectors and a LoRA, trained together."""
+    trained = _attach_lora(base, s)  # first: it freezes the whole base, placeholder rows included
+    trained.update(_attach_embeddings(base, s, freeze=False))
+    return trained
+
+
+def _full_network_args(s: AdapterSettings) -> dict[str, str]:
+    return {"extracted_from": "dreambooth", "train_text_encoder": str(s.train_text_encoder)}
+
+
+def _embedding_network_args(s: AdapterSettings) -> dict[str, str]:
+    return {"tokens": " ".join(s.tokens), "vectors": str(s.vectors)}
+
+
+def _pivotal_network_args(s: AdapterSettings) -> dict[str, str]:
+    return {**_lora_network_args(s), **_embedding_network_args(s)}
+
+
 METHODS: dict[str, Method] = {
-    "lora": Method(name="lora", attach=_attach_lora, network_args=_lora_network_args),
+    "lora": Method("lora", _attach_lora, _lora_network_args, saves=("lora",)),
+    "dreambooth": Method("dreambooth", _attach_full, _full_network_args, saves=("model",)),
+    "textual_inversion": Method("textual_inversion", _attach_embeddings, _embedding_network_args, saves=("embedding",)),
+    "pivotal": Method("pivotal", _attach_pivotal, _pivotal_network_args, saves=("lora", "embedding")),
 }

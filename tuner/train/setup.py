@@ -20,6 +20,7 @@ from tuner.data.folder import DatasetIndex, scan_dataset
 from tuner.errors import TunerError
 from tuner.models.base import BaseModel, load_base
 from tuner.optim.optimizers import build_optimizer, build_schedule
+from tuner.train.ema import Ema
 from tuner.train.methods import METHODS, AdapterSettings, Method
 
 
@@ -74,6 +75,15 @@ class Run:
     history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lr": []})
     latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
     prompt_cache: dict[str, torch.Tensor] | None = None
+    class_dataset: TrainDataset | None = None
+    """Prior preservation: the class images, paired batch for batch with the instance images."""
+    class_latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+    ema: Ema | None = None
+
+    @property
+    def text_encoder_frozen(self) -> bool:
+        """True when nothing trained changes what the text encoder outputs (prompt embeds can be cached)."""
+        return not any(c.startswith("text_encoder") or c == "embedding" for c in self.trained)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -128,7 +138,44 @@ def adapter_settings(recipe: Recipe) -> AdapterSettings:
         train_text_encoder=a.train_text_encoder,
         text_encoder_rank=a.text_encoder_rank,
         text_encoder_alpha=a.text_encoder_alpha,
+        tokens=tuple(recipe.embedding.tokens),
+        init_words=tuple(recipe.embedding.init_words),
+        vectors=recipe.embedding.vectors,
     )
+
+
+def check_tokens_in_captions(index: DatasetIndex, tokens: list[str], data_path: str) -> None:
+    """A new token that no caption uses would never receive a gradient: refuse before loading anything."""
+    captions = [item.caption for item in index.items]
+    unused = [t for t in tokens if not any(t in c for c in captions)]
+    if unused:
+        example = captions[0] if captions else ""
+        raise TunerError(
+            f"embedding.tokens {unused} appear in none of the {len(captions)} captions of '{data_path}' "
+            f"(e.g. {example!r}), so they would never train: put the token in the captions (e.g. "
+            f"'a {unused[0]} circle'), or set data.instance_prompt for images without captions"
+        )
+
+
+def class_image_dir(recipe: Recipe) -> Path:
+    return Path(recipe.prior.class_dir) if recipe.prior.class_dir else Path(recipe.output.dir) / "class_images"
+
+
+def build_class_dataset(recipe: Recipe, base: BaseModel, resolution: int, device: torch.device, log=print) -> TrainDataset:
+    """Prior preservation: fill the class-image cache with the untouched base, then index it."""
+    from tuner.sample.sampler import SampleSettings
+    from tuner.train.prior import ensure_class_images
+
+    p = recipe.prior
+    base.to(device)
+    folder = ensure_class_images(
+        base, class_image_dir(recipe), prompts=p.class_prompts, count=p.num_images,
+        settings=SampleSettings(steps=p.steps, cfg=p.cfg, sampler=p.sampler), seed=p.seed, log=log,
+    )
+    index = scan_dataset(folder, strict=recipe.data.strict)
+    for path, reason in index.skipped:
+        log(f"skipped class image {path}: {reason}")
+    return TrainDataset(index, resolution=resolution, center_crop=True, flip=recipe.data.flip, seed=recipe.train.seed + 1)
 
 
 def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel | None = None, log=print) -> Run:
@@ -149,6 +196,8 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     )
     for path, reason in index.skipped:
         log(f"skipped {path}: {reason}")
+    if recipe.adapter.method in ("textual_inversion", "pivotal"):
+        check_tokens_in_captions(index, recipe.embedding.tokens, recipe.data.path)
     base = base or load_base(recipe.model.base)
     for note in base.notes:
         log(f"NOTE: {note}")
@@ -167,6 +216,8 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         keep_tags=recipe.data.keep_tags,
         seed=recipe.train.seed,
     )
+    device = pick_device(recipe.train.device)
+    class_dataset = build_class_dataset(recipe, base, resolution, device, log) if recipe.prior.enabled else None
     method = METHODS[recipe.adapter.method]
     settings = adapter_settings(recipe)
     torch.manual_seed(recipe.train.seed)  # adapter init (kaiming) is reproducible
@@ -175,7 +226,6 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         base.unet.enable_gradient_checkpointing()
         if "text_encoder" in trained:
             base.text_encoder.gradient_checkpointing_enable()
-    device = pick_device(recipe.train.device)
     accelerator = make_accelerator(recipe.train.mixed_precision, cpu=device.type == "cpu")
     base.to(device)
     opt = recipe.optim
@@ -183,6 +233,8 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     for component, module in trained.items():
         params = [p for p in module.parameters() if p.requires_grad]
         lr = opt.text_encoder_lr if component.startswith("text_encoder") and opt.text_encoder_lr else opt.learning_rate
+        if component == "embedding":
+            lr = recipe.embedding.learning_rate
         groups.append({"params": params, "lr": lr, "name": component})
     optimizer = build_optimizer(opt.optimizer, groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     lr_scheduler = build_schedule(
@@ -201,6 +253,10 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     )
     if arithmetic.samples_per_epoch < 1 or not math.isfinite(arithmetic.epochs):
         raise TunerError("the dataset has no samples")
+    ema = None
+    if recipe.train.ema_decay > 0:
+        named = {f"{c}.{n}": p for c, m in trained.items() for n, p in m.named_parameters() if p.requires_grad}
+        ema = Ema(named, recipe.train.ema_decay, device="cpu" if recipe.train.ema_on_cpu else None)
     return Run(
         recipe=recipe,
         recipe_path=recipe_path,
@@ -217,4 +273,6 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         device=device,
         out_dir=Path(recipe.output.dir),
         arithmetic=arithmetic,
+        class_dataset=class_dataset,
+        ema=ema,
     )
