@@ -115,6 +115,7 @@ def test_dreambooth_trains_every_unet_weight_and_nothing_else(circles, tmp_path)
     for name, tensor in tuned.unet.state_dict().items():
         assert torch.equal(tensor, run.base.unet.state_dict()[name]), name
     assert (tmp_path / "t.safetensors").exists()
+    assert "retained" in (tmp_path / "t.extract.txt").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tuner.config.load import load_recipe, recipe_to_toml
+    from tuner.config.schema import CLI_SHORTCUTS
+    from tuner.errors import RecipeError
+    from tuner.train.validate import validate_recipe
+
+    shortcuts: dict[str, object] = {key: getattr(args, opt) for opt, key in CLI_SHORTCUTS.items()}
+    shortcuts["data.strict"] = True if args.strict else None
+    try:
+        recipe = load_recipe(args.recipe, args.set or (), shortcuts)
+    except RecipeError as exc:
+        print(f"{args.recipe}: {exc}")
+        return 2
+    result = validate_recipe(recipe)
+    print(f"# resolved recipe ({args.recipe})\n{recipe_to_toml(recipe)}")
+    if result.arithmetic is not None:
+        print(f"step arithmetic: {result.arithmetic.describe()}")
+    for note in result.notes:
+        print(note)
+    if result.problems:
+        print(f"\n{len(result.problems)} problem(s):")
+        for problem in result.problems:
+            print(f"  - {problem}")
+        return 2
+    print("\nno problems found")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from tuner.models.base import load_base
     from tuner.sample.generate import (
@@ -152,7 +180,14 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tuner.models.base import load_base
-    from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
+    from tuner.sample.generate import (
+        EmbeddingSpec,
+        LoraSpec,
+        apply_embeddings,
+        apply_loras,
+        load_loras_for,
+        read_embeddings,
+    )
     from tuner.sample.sampler import SampleSettings
     from tuner.tiny.evaluate import compare, run_eval
     from tuner.train.setup import pick_device
@@ -161,20 +196,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = dict(n=args.n, seeds=args.seeds, seed=args.seed, token=args.token, settings=settings)
     device = pick_device(args.device)
     specs = [LoraSpec.parse(s) for s in args.lora or ()]
+    embeddings = read_embeddings([EmbeddingSpec.parse(s) for s in args.embedding or ()])
 
-    def evaluate(with_loras: bool):
+    def evaluate(with_adapters: bool):
         base = load_base(args.base)
         for note in base.notes:
             print(f"NOTE: {note}", file=sys.stderr)  # stderr: --json keeps stdout a JSON document
-        if with_loras:
+        if with_adapters:
+            apply_embeddings(base, embeddings)
             apply_loras(base, load_loras_for(base, specs))
         return run_eval(args.mode, base.to(device), progress=True, **options)
 
     # The prior is about what an adapter destroys: measure it without and with, on the same seeds.
-    if args.mode == "prior" and specs:
+    if args.mode == "prior" and (specs or embeddings):
         result = compare(evaluate(False), evaluate(True))
     else:
-        result = evaluate(bool(specs))
+        result = evaluate(bool(specs or embeddings))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0
 
@@ -184,7 +221,7 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
     from tuner.models.base import TINY_ASSETS
     from tuner.tiny.card import evaluate_and_install
-    from tuner.tiny.pretrain import PretrainSettings, pretrain_tiny
+    from tuner.tiny.pretrain import PretrainSettings, pretrain_tiny, wall_minutes
 
     settings = PretrainSettings(
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch_size,
@@ -198,7 +235,7 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     evaluate_and_install(
-        final, settings=asdict(settings), minutes=(time.perf_counter() - started) / 60,
+        final, settings=asdict(settings), minutes=wall_minutes(args.out) or (time.perf_counter() - started) / 60,
         command=(f"tuner pretrain-tiny --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} "
                  f"--batch-size {args.batch_size} --seed {args.seed}" + (" --install" if args.install else "")),
         assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
@@ -214,13 +251,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("ddim", "euler", "euler_a", "dpmpp_2m"), default="ddim")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuner", description="Personalize latent diffusion models.")
-    parser.add_argument("--version", action="version", version=f"tuner {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train an adapter from a recipe")
-    p.add_argument("recipe", help="recipe file (.toml or .yaml), e.g. recipes/tiny/lora.toml")
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    """The recipe file, ``--set`` and the convenience options (CLI_SHORTCUTS), shared by train and validate."""
+    p.add_argument("recipe", help="recipe file (.toml or .yaml), e.g. recipes/tiny/sks_star_lora.toml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--base", help="'tiny' or a local diffusers folder (model.base)")
     p.add_argument("--data", help="training image folder (data.path)")
@@ -231,9 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch size (train.batch_size)")
     p.add_argument("--rank", type=int, help="LoRA rank (adapter.rank)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (train.checkpoint_every)")
-    p.add_argument("--resume", metavar="CKPT|latest", help="resume from a checkpoint folder, or the newest one")
     p.add_argument("--strict", action="store_true", help="unreadable images are errors, not skips")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuner", description="Personalize latent diffusion models.")
+    parser.add_argument("--version", action="version", version=f"tuner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an adapter from a recipe")
+    _add_recipe_options(p)
+    p.add_argument("--resume", metavar="CKPT|latest", help="resume from a checkpoint folder, or the newest one")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a recipe (and its data) without loading any model")
+    _add_recipe_options(p)
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("sample", help="generate images, optionally with LoRAs")
     p.add_argument("--base", default="tiny", help="'tiny' or a local diffusers folder")
@@ -305,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="generate toy-world images and judge them from pixels (WORLD.md)")
     p.add_argument("--base", default="tiny", help="'tiny' or a local diffusers folder")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA file and scale (repeatable)")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (repeatable); with --mode color pass its token as --token")
     p.add_argument("--mode", required=True, choices=("base", "heldout", "subject", "prior", "style", "color"),
                    help="what to measure; prior with --lora runs without and with the LoRA")
     p.add_argument("-n", type=int, default=200, help="images for base / heldout")

@@ -76,6 +76,16 @@ def load_base(spec: str, *, dtype: torch.dtype = torch.float32) -> BaseModel:
     if spec == "tiny":
         return _load_tiny(dtype)
     path = Path(spec).expanduser()
+    family = check_base_spec(spec)
+    return _load_diffusers_folder(path, family, dtype)
+
+
+def check_base_spec(spec: str) -> Family:
+    """What :func:`load_base` checks before loading any weight (it reads only JSON configs): the family of
+    ``spec``, or a :class:`TunerError` saying what to pass instead (``tuner validate`` uses it)."""
+    if spec == "tiny":
+        return TINY
+    path = Path(spec).expanduser()
     if not path.exists():
         hint = (
             f"'{spec}' looks like a model hub id, but tuner never downloads anything. Download it on a "
@@ -91,7 +101,27 @@ def load_base(spec: str, *, dtype: torch.dtype = torch.float32) -> BaseModel:
             f"'{spec}' is a single file. Single-file checkpoints are not supported yet: pass a diffusers folder "
             "(with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or --base tiny."
         )
-    return _load_diffusers_folder(path, dtype)
+    missing = [c for c in DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise TunerError(
+            f"'{path}' is not a diffusers SD1.x folder: missing {', '.join(m + '/' for m in missing)}. "
+            "Expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as written by "
+            "StableDiffusionPipeline.save_pretrained or `tuner export-base`)."
+        )
+    unet_cfg = _read_json(path / "unet" / "config.json")
+    cross_dim = unet_cfg.get("cross_attention_dim")
+    if unet_cfg.get("addition_embed_type") == "text_time" or cross_dim == 2048:
+        raise TunerError(f"'{path}' is an SDXL model; SDXL bases are not supported yet (only SD1.x layouts).")
+    if cross_dim == 1024:
+        raise TunerError(f"'{path}' is an SD2.x model; SD2.x bases are not supported yet (only SD1.x layouts).")
+    family = {768: SD15, TINY.cross_attention_dim: TINY}.get(cross_dim)
+    if family is None:
+        raise TunerError(
+            f"'{path}': unet cross_attention_dim {cross_dim!r} matches no known family "
+            "(768 = SD1.x, 128 = tuner tiny)."
+        )
+    return family
+
 
 
 TINY_ASSETS = Path(__file__).resolve().parent.parent / "tiny" / "assets"
@@ -101,7 +131,7 @@ def _load_tiny(dtype: torch.dtype) -> BaseModel:
     """The pretrained tiny base shipped in ``tuner/tiny/assets`` (a diffusers folder), or, in a checkout
     that does not have those weights yet, the random stand-in built from config (announced in ``notes``)."""
     if (TINY_ASSETS / "model_index.json").exists():
-        base = _load_diffusers_folder(TINY_ASSETS, dtype)
+        base = _load_diffusers_folder(TINY_ASSETS, TINY, dtype)
         base.source = "tiny"
         return base
     from tuner.models.tiny import build_tiny_components
@@ -121,29 +151,11 @@ def _load_tiny(dtype: torch.dtype) -> BaseModel:
     )
 
 
-def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
-    missing = [c for c in DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
-    if missing:
-        raise TunerError(
-            f"'{path}' is not a diffusers SD1.x folder: missing {', '.join(m + '/' for m in missing)}. "
-            "Expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as written by "
-            "StableDiffusionPipeline.save_pretrained or `tuner export-base`)."
-        )
+def _load_diffusers_folder(path: Path, family: Family, dtype: torch.dtype) -> BaseModel:
+    """Load a folder that :func:`check_base_spec` accepted as ``family``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    unet_cfg = _read_json(path / "unet" / "config.json")
-    cross_dim = unet_cfg.get("cross_attention_dim")
-    if unet_cfg.get("addition_embed_type") == "text_time" or cross_dim == 2048:
-        raise TunerError(f"'{path}' is an SDXL model; SDXL bases are not supported yet (only SD1.x layouts).")
-    if cross_dim == 1024:
-        raise TunerError(f"'{path}' is an SD2.x model; SD2.x bases are not supported yet (only SD1.x layouts).")
-    family = {768: SD15, TINY.cross_attention_dim: TINY}.get(cross_dim)
-    if family is None:
-        raise TunerError(
-            f"'{path}': unet cross_attention_dim {cross_dim!r} matches no known family "
-            "(768 = SD1.x, 128 = tuner tiny)."
-        )
     try:
         kw: dict[str, Any] = {"local_files_only": True, "torch_dtype": dtype}
         unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)

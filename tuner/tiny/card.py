@@ -66,6 +66,10 @@ def write_card(
         "## Training",
         f"- command: `{command}`",
         f"- settings: `{json.dumps(settings, sort_keys=True)}`",
+        "- objective: the VAE on reconstruction (MSE + 0.5 L1) and a small KL term; then the text encoder and",
+        "  UNet on v-prediction over a zero-terminal-SNR scaled-linear schedule (the noisiest step holds no",
+        "  signal, so the layout must come from the prompt), plain MSE; an EMA of the weights"
+        f" (decay {settings.get('ema_decay')}) ships",
         f"- UNet + text encoder steps: {len(losses)}; mean loss of the last 200 steps: {tail:.4f}",
         f"- wall time: {minutes:.0f} min on 2 CPU cores",
         f"- weights shipped (bytes): {json.dumps(sizes, sort_keys=True)}",

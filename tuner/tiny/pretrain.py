@@ -303,10 +303,12 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
     log(f"pretraining on {len(scenes)} distinct scenes of the world's pretraining split")
     vae = train_vae(out, s, scenes, clock, log)
     if vae is None:
+        add_wall_minutes(out, (time.perf_counter() - started) / 60)
         return None
     vae.requires_grad_(False).eval()
     result = train_denoiser(out, s, scenes, vae, clock, log)
     if result is None:
+        add_wall_minutes(out, (time.perf_counter() - started) / 60)
         return None
     unet, te, history = result
     final = out / "final"
@@ -318,5 +320,24 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
                      scheduler_config=dict(SCHEDULER_CONFIG), source=str(final))
     export_base(base, final)
     (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
-    log(f"pretraining finished (this part: {(time.perf_counter() - started) / 60:.1f} min); wrote {final}")
+    part = (time.perf_counter() - started) / 60
+    total = add_wall_minutes(out, part)
+    log(f"pretraining finished (this part: {part:.1f} min, all parts: {total:.1f} min); wrote {final}")
     return final
+
+
+WALL_FILE = "wall_minutes.json"
+
+
+def add_wall_minutes(out: Path, minutes: float) -> float:
+    """Add one part's wall time to ``out/wall_minutes.json`` (a run in parts reports its total); returns it."""
+    path = out / WALL_FILE
+    parts = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    parts.append(round(minutes, 2))
+    path.write_text(json.dumps(parts), encoding="utf-8")
+    return float(sum(parts))
+
+
+def wall_minutes(out: Path) -> float | None:
+    path = Path(out) / WALL_FILE
+    return float(sum(json.loads(path.read_text(encoding="utf-8")))) if path.exists() else None

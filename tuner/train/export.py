@@ -10,6 +10,7 @@ import torch
 
 from tuner.adapters.lora import extract_lora
 from tuner.adapters.types import COMPONENTS, LoraWeights
+from tuner.errors import TunerError
 from tuner.formats.io import save_safetensors
 from tuner.formats.lorafile import save_lora
 from tuner.formats.metadata import build_lora_metadata
@@ -188,9 +189,11 @@ def write_embeddings(run: Run) -> list[Path]:
 
 
 def write_model(run: Run) -> list[Path]:
-    """DreamBooth: the fine-tuned base as a diffusers folder ``model/``, and ``<name>.safetensors``, a LoRA
-    of rank ``adapter.rank`` extracted by SVD from the difference to the original base."""
+    """DreamBooth: the fine-tuned base as a diffusers folder ``model/``, ``<name>.safetensors``, a LoRA of
+    rank ``adapter.rank`` extracted by SVD from the difference to the original base, and
+    ``<name>.extract.txt``, how much of each module's difference that rank keeps (worst modules first)."""
     from tuner.adapters.extract import extract_lora as extract_from_models
+    from tuner.adapters.extract import format_report
     from tuner.models.base import BaseModel, export_base, load_base
 
     tuned = BaseModel(
@@ -210,11 +213,18 @@ def write_model(run: Run) -> list[Path]:
         text_encoder=a.train_text_encoder,
     )
     weights = result.weights
+    if result.is_empty:
+        raise TunerError(f"DreamBooth export: the fine-tuned model in '{folder}' does not differ from the base, so "
+                         "no LoRA can be extracted (was the learning rate 0?). The model folder is written.")
     lora_path = run.out_dir / f"{run.recipe.output.name}.safetensors"
     metadata = lora_metadata(run, weights, rank=a.rank, alpha=float(a.rank),
                              extra={"extracted_retained_energy_mean": result.summary.mean_retained})
     save_lora(lora_path, weights, run.base.family, dtype=SAVE_DTYPES[run.recipe.output.save_dtype], metadata=metadata)
-    return [folder, lora_path]
+    report = run.out_dir / f"{run.recipe.output.name}.extract.txt"
+    tmp = report.with_name(f".{report.name}.tmp")
+    tmp.write_text(format_report(result, rows=20) + "\n", encoding="utf-8")
+    tmp.replace(report)
+    return [folder, lora_path, report]
 
 
 WRITERS = {"lora": write_lora, "embedding": write_embeddings, "model": write_model}
