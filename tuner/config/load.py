@@ -253,6 +253,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.min_snr_gamma", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.noise_offset", lambda v: v >= 0, ">= 0"),
     ("train.max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    ("train.max_bad_steps", lambda v: v >= 1, ">= 1"),
     ("train.checkpoint_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     ("train.keep_checkpoints", lambda v: v >= 0, ">= 0"),
     ("optim.learning_rate", lambda v: v > 0, "> 0"),

@@ -121,6 +121,8 @@ class TrainConfig:
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
     """0 = no gradient clipping."""
+    max_bad_steps: int = 5
+    """Stop after this many steps in a row with a NaN/inf loss or gradient (each one is skipped)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2

@@ -4,14 +4,19 @@ clip, step, log, preview, checkpoint; export at the end."""
 from __future__ import annotations
 
 import contextlib
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from tuner.adapters.lora import trainable_state
+from tuner.errors import TunerError
 from tuner.train.batches import batch_at, cache_latent_moments, latents_for, prompt_embeds_for
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
 from tuner.train.export import export_adapter, write_preview
@@ -95,42 +100,104 @@ def averaged(run: Run):
     return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
 
 
+class TrainingStopped(TunerError):
+    """Training ended before its last step: by a signal (checkpoint saved, ``exit_code`` 130) or by the
+    numerical guard (too many non-finite steps in a row; nothing saved over the last good checkpoint)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks after each step (a second signal stops at once)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _grad_norm(run: Run) -> float:
+    """Total gradient norm, clipped to ``max_grad_norm`` when that is set (an infinite bound is a no-op)."""
+    bound = run.recipe.train.max_grad_norm or float("inf")
+    return float(run.accelerator.clip_grad_norm_(run.params, bound))
+
+
 def train(run: Run, log=print) -> TrainResult:
-    """Train from ``run.start_step`` to ``recipe.train.steps``; returns the exported files."""
+    """Train from ``run.start_step`` to ``recipe.train.steps``; returns the exported files.
+
+    A step whose loss or gradient is NaN/inf changes nothing (no optimizer or EMA update; the schedule and
+    the data order move on, so a resumed run stays aligned); ``train.max_bad_steps`` of them in a row stop
+    the run. SIGINT/SIGTERM finish the current step, save a checkpoint and raise :class:`TrainingStopped`.
+    """
     cfg, preview = run.recipe.train, run.recipe.preview
     log(f"step arithmetic: {run.arithmetic.describe()}")
     prepare_caches(run, log)
     for module in run.trained.values():
         module.train()
     started = time.perf_counter()
-    step = run.start_step
+    step, bad = run.start_step, 0
+    # fp16's gradient scaler skips steps with overflowing gradients itself: only the loss is ours to check
+    check_grads = run.recipe.train.mixed_precision != "fp16"
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    while step < cfg.steps:
-        generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
-        torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout uses the global generator
-        loss_sum = 0.0
-        for micro in range(cfg.gradient_accumulation):
-            loss = compute_loss(run, step * cfg.gradient_accumulation + micro, generator)
-            run.accelerator.backward(loss / cfg.gradient_accumulation)
-            loss_sum += loss.item() / cfg.gradient_accumulation
-        if cfg.max_grad_norm > 0:
-            run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
-        run.optimizer.step()
-        run.lr_scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.ema is not None:
-            run.ema.update()
-        step += 1
-        lr = run.lr_scheduler.get_last_lr()[0]
-        run.history["loss"].append(loss_sum)
-        run.history["lr"].append(lr)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-        bar.update()
-        if preview.every and step % preview.every == 0:
-            with averaged(run):
-                write_preview(run, step)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save(run, step)
+    with _StopRequest() as stop:
+        while step < cfg.steps:
+            generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+            torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout uses the global generator
+            loss_sum = 0.0
+            for micro in range(cfg.gradient_accumulation):
+                loss = compute_loss(run, step * cfg.gradient_accumulation + micro, generator)
+                run.accelerator.backward(loss / cfg.gradient_accumulation)
+                loss_sum += loss.item() / cfg.gradient_accumulation
+            norm = _grad_norm(run) if (check_grads or cfg.max_grad_norm > 0) else 0.0
+            finite = math.isfinite(loss_sum) and (math.isfinite(norm) or not check_grads)
+            if finite:
+                run.optimizer.step()
+                bad = 0
+            else:
+                bad += 1
+                bar.write(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} "
+                          f"({loss_sum:.4g}, grad norm {norm:.4g}); step skipped ({bad} in a row)")
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            if finite and run.ema is not None:
+                run.ema.update()
+            step += 1
+            lr = run.lr_scheduler.get_last_lr()[0]
+            run.history["loss"].append(loss_sum)
+            run.history["lr"].append(lr)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            bar.update()
+            if bad >= cfg.max_bad_steps:
+                bar.close()
+                raise TrainingStopped(_bad_steps_message(run, step, bad))
+            if stop.signal is not None:
+                bar.close()
+                path = save(run, step)
+                raise TrainingStopped(
+                    f"{stop.signal} at step {step}/{cfg.steps}: checkpoint saved to '{path}'. Continue with the "
+                    "same command plus --resume latest.", exit_code=130,
+                )
+            if preview.every and step % preview.every == 0:
+                with averaged(run):
+                    write_preview(run, step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad:
+                save(run, step)  # never during a run of skipped steps: the last good checkpoint stays newest
     bar.close()
     save(run, step)
     with averaged(run):
@@ -138,6 +205,24 @@ def train(run: Run, log=print) -> TrainResult:
     seconds = time.perf_counter() - started
     final = sum(run.history["loss"][-10:]) / max(1, len(run.history["loss"][-10:]))
     return TrainResult(outputs=outputs, final_loss=final, seconds=seconds, steps=step)
+
+
+def _bad_steps_message(run: Run, step: int, bad: int) -> str:
+    from tuner.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run.out_dir / "checkpoints")
+    kept = f"the last good checkpoint is '{found[-1]}'" if found else "no checkpoint was saved before it"
+    cfg = run.recipe
+    hints = [f"lower optim.learning_rate (now {cfg.optim.learning_rate:g})"]
+    if cfg.train.mixed_precision == "fp16":
+        hints.insert(0, 'fp16 overflows easily (the SD VAE notably): use train.mixed_precision = "bf16" or "no"')
+    if cfg.train.max_grad_norm == 0:
+        hints.append("turn gradient clipping back on (train.max_grad_norm = 1.0)")
+    return (
+        f"training stopped at step {step}: the loss or gradient was NaN/inf for {bad} steps in a row "
+        f"(train.max_bad_steps = {cfg.train.max_bad_steps}); those steps changed nothing, and {kept}. "
+        "Try: " + "; ".join(hints) + "."
+    )
 
 
 def restore(run: Run, checkpoint: Path, log=print) -> None:
@@ -148,7 +233,6 @@ def restore(run: Run, checkpoint: Path, log=print) -> None:
     """
     import tomllib
 
-    from tuner.errors import TunerError
     from tuner.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
