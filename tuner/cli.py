@@ -157,6 +157,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resize(args: argparse.Namespace) -> int:
+    from tuner.adapters.resize import format_resize_report, resize_file
+
+    if not Path(args.file).is_file():
+        raise TunerError(f"LoRA file '{args.file}' does not exist")
+    dtypes = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+    import torch
+
+    dtype = getattr(torch, dtypes[args.save_dtype]) if args.save_dtype else None
+    result = resize_file(args.file, args.out, rank=args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
+                         param=args.param, dtype=dtype)
+    print(format_resize_report(result))
+    print(f"wrote {args.out} (ss_network_dim {result.metadata['ss_network_dim']}, "
+          f"ss_network_alpha {result.metadata['ss_network_alpha']})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tuner.demo import run_demo
 
@@ -318,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     p.add_argument("--out", required=True, help="output .safetensors file (kohya format)")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("resize", help="lower a LoRA's rank by SVD, keeping its effective scale")
+    p.add_argument("file", help="a kohya LoRA/LoCon .safetensors file")
+    p.add_argument("--rank", type=int, help="new rank (modules already at or below it are kept)")
+    p.add_argument("--conv-rank", type=int, help="new rank of 3x3 conv modules (default: --rank)")
+    p.add_argument("--dynamic", choices=("sv_ratio", "sv_fro", "sv_cumulative"),
+                   help="choose each module's rank from its singular values (with --param)")
+    p.add_argument("--param", type=float, help="sv_ratio: S[0]/S[k] bound (e.g. 10); sv_fro/sv_cumulative: "
+                   "fraction kept (e.g. 0.9)")
+    p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), help="default: the file's own")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("demo", help="the main job on the embedded base: train a subject LoRA, sample before/after")
     p.add_argument("--out", default="out/demo", help="output folder")
