@@ -177,7 +177,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tuner.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, eval_seeds=args.eval_seeds)
+    run_demo(Path(args.out), steps=args.steps, eval_seeds=args.eval_seeds, prior=not args.no_prior)
     return 0
 
 
@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded base: train a subject LoRA, sample before/after")
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
-    p.add_argument("--eval-seeds", type=int, default=4, help="seeds per prompt for the subject/prior checks (0 = skip)")
+    p.add_argument("--eval-seeds", type=int, default=8, help="seeds per prompt for the subject/prior checks (0 = skip)")
+    p.add_argument("--no-prior", action="store_true",
+                   help="train without prior preservation (no class images): a plain subject LoRA")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("world", help="write toy-world images and captions, or the personalization sets")

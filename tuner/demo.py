@@ -18,12 +18,20 @@ DEMO_PROMPTS = [
     "a large sks star on a blue background, in the center",
     "a small sks star on a red background, on the left",
     "a large sks star on a white background, on the right",
-    "a small sks star on an orange background, in the center",
+    "a small sks star on a orange background, in the center",
 ]
 
 
-def demo_recipe(data: Path, out: Path, steps: int | None = None) -> Recipe:
-    """The demo's settings (also in recipes/tiny/sks_star_lora.toml)."""
+# Class prompts for prior preservation: the class word `star` on every background of the palette.
+CLASS_PROMPTS = [f"a star on a {bg} background" for bg in
+                 ("black", "green", "yellow", "blue", "red", "white", "orange", "purple")]
+
+
+def demo_recipe(
+    data: Path, out: Path, steps: int | None = None, prior: bool = True, class_images: int = 48, sample_steps: int = 20
+) -> Recipe:
+    """The demo's settings (also in recipes/tiny/sks_star_dreambooth_lora.toml; without ``prior``, in
+    recipes/tiny/sks_star_lora.toml)."""
     r = Recipe()
     r.model.base = "tiny"
     r.data.path = str(data)
@@ -41,6 +49,12 @@ def demo_recipe(data: Path, out: Path, steps: int | None = None) -> Recipe:
     r.preview.every = max(1, r.train.steps // 3)
     r.preview.prompts = DEMO_PROMPTS[:2]
     r.preview.steps = 15
+    if prior:  # DreamBooth-LoRA: class images keep `star` meaning the base's five-pointed star
+        r.prior.enabled = True
+        r.prior.class_prompts = list(CLASS_PROMPTS)
+        r.prior.num_images = class_images
+        r.prior.steps = sample_steps
+        r.prior.class_dir = str(out / "class_images")
     r.output.dir = str(out / "run")
     r.output.name = "sks_star"
     r.output.trigger_words = ["sks star"]
@@ -48,12 +62,14 @@ def demo_recipe(data: Path, out: Path, steps: int | None = None) -> Recipe:
 
 
 def run_demo(
-    out: Path, *, steps: int | None = None, eval_seeds: int = 4, sample_steps: int = 20, log=print
+    out: Path, *, steps: int | None = None, eval_seeds: int = 8, sample_steps: int = 20, prior: bool = True,
+    class_images: int = 48, log=print,
 ) -> dict[str, Path]:
     """Train the demo LoRA, then write before/after images, eval figures and an HTML report into ``out``.
 
     ``eval_seeds``: seeds per prompt for the subject and prior checks (0 = skip them); ``sample_steps``:
-    DDIM steps for every image the demo samples after training.
+    DDIM steps for every image the demo samples (class images included). ``prior``: train with prior
+    preservation on ``class_images`` images of `a star on a {bg} background`, drawn by the base first.
     """
     from tuner.models.base import load_base
     from tuner.report import write_report
@@ -67,7 +83,8 @@ def run_demo(
     data_root = out / "datasets"
     if not (data_root / "sks_star").is_dir():
         write_personalization_sets(data_root)
-    recipe = demo_recipe(data_root / "sks_star", out, steps)
+    recipe = demo_recipe(data_root / "sks_star", out, steps, prior=prior, class_images=class_images,
+                         sample_steps=sample_steps)
     run = setup_run(recipe, log=log)
     result = train(run, log=log)
     lora_path = result.outputs[0]
@@ -105,6 +122,8 @@ def run_demo(
             "data": f"{run.index.num_images} images, {run.arithmetic.describe()}",
             "training time": f"{result.seconds:.0f} s, final loss {result.final_loss:.4f}",
             "LoRA file": str(lora_path),
+            "prior preservation": (f"{len(run.class_dataset)} class images in {recipe.prior.class_dir}"
+                                   if run.class_dataset is not None else "off"),
         },
         evals=evals,
     )
