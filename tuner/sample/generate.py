@@ -116,6 +116,8 @@ def read_embeddings(specs: Sequence[EmbeddingSpec]) -> list[LoadedEmbedding]:
 def apply_embeddings(base: BaseModel, embeddings: Sequence[LoadedEmbedding]) -> None:
     """Register each embedding's token(s) in the base's tokenizer and write its vectors into the text
     encoder (:func:`~tuner.adapters.embedding.add_embedding`; width and clashes are checked there)."""
+    if not embeddings:
+        return
     if len(base.text_encoders) != 1:
         raise TunerError(f"embeddings are supported on one-text-encoder bases only, not {base.family.name}")
     for emb in embeddings:
