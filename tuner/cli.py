@@ -26,16 +26,22 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _recipe_from_args(args: argparse.Namespace):
+    """The recipe named by ``args`` with its ``--set`` overrides and convenience options applied."""
     from tuner.config.load import load_recipe
     from tuner.config.schema import CLI_SHORTCUTS
+
+    shortcuts: dict[str, object] = {key: getattr(args, opt) for opt, key in CLI_SHORTCUTS.items()}
+    shortcuts["data.strict"] = True if args.strict else None
+    return load_recipe(args.recipe, args.set or (), shortcuts)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from tuner.train.checkpoint import find_checkpoint
     from tuner.train.loop import restore, train
     from tuner.train.setup import setup_run
 
-    shortcuts: dict[str, object] = {key: getattr(args, opt) for opt, key in CLI_SHORTCUTS.items()}
-    shortcuts["data.strict"] = True if args.strict else None
-    recipe = load_recipe(args.recipe, args.set or (), shortcuts)
+    recipe = _recipe_from_args(args)
     run = setup_run(recipe, recipe_path=args.recipe)
     if args.resume:
         restore(run, find_checkpoint(args.resume, run.out_dir))
@@ -47,15 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tuner.config.load import load_recipe, recipe_to_toml
-    from tuner.config.schema import CLI_SHORTCUTS
+    from tuner.config.load import recipe_to_toml
     from tuner.errors import RecipeError
     from tuner.train.validate import validate_recipe
 
-    shortcuts: dict[str, object] = {key: getattr(args, opt) for opt, key in CLI_SHORTCUTS.items()}
-    shortcuts["data.strict"] = True if args.strict else None
     try:
-        recipe = load_recipe(args.recipe, args.set or (), shortcuts)
+        recipe = _recipe_from_args(args)
     except RecipeError as exc:
         print(f"{args.recipe}: {exc}")
         return 2
@@ -162,10 +165,9 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
     if not Path(args.file).is_file():
         raise TunerError(f"LoRA file '{args.file}' does not exist")
-    dtypes = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-    import torch
+    from tuner.formats.io import SAVE_DTYPES
 
-    dtype = getattr(torch, dtypes[args.save_dtype]) if args.save_dtype else None
+    dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype else None
     result = resize_file(args.file, args.out, rank=args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
                          param=args.param, dtype=dtype)
     print(format_resize_report(result))

@@ -34,12 +34,12 @@ from tuner.adapters.lora import UNET_PRESETS, canonical_path, text_encoder_targe
 from tuner.adapters.svd import DEFAULT_CLAMP_QUANTILE, as_matrix, low_rank
 from tuner.adapters.types import LoraModule, LoraWeights
 from tuner.errors import TunerError
+from tuner.formats.io import SAVE_DTYPES  # noqa: F401  (the CLI and tests read the choices here)
 from tuner.formats.lorafile import save_lora
 from tuner.formats.metadata import build_lora_metadata
 from tuner.models.base import BaseModel
 from tuner.models.families import Family
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 WORST_IN_SUMMARY = 5
 
 

@@ -113,7 +113,7 @@ def scan_dataset(
     root_metadata = _read_metadata(root, problems)
     for folder, repeats, name in _folders(root, default_repeats, index.ignored_dirs):
         metadata = root_metadata if folder == root else _read_metadata(folder, problems)
-        for path in _image_files(folder):
+        for path in image_files(folder):
             try:
                 load_image(path)
             except ImageLoadError as exc:
@@ -168,7 +168,7 @@ def _folders(root: Path, default_repeats: int, ignored: list[Path]) -> list[tupl
     return folders
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()

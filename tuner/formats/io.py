@@ -37,6 +37,9 @@ TensorInfo = tuple[str, tuple[int, ...]]
 """``(safetensors dtype string, shape)`` of one tensor, as the header states it."""
 
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+"""``output.save_dtype`` / ``--save-dtype`` names -> torch dtypes."""
+
 def prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, CPU, contiguous tensors that own their memory, ready for ``safetensors.torch.save``.
 

@@ -11,15 +11,13 @@ import torch
 from tuner.adapters.lora import extract_lora
 from tuner.adapters.types import COMPONENTS, LoraWeights
 from tuner.errors import TunerError
-from tuner.formats.io import save_safetensors
+from tuner.formats.io import SAVE_DTYPES, save_safetensors, write_bytes_atomic
 from tuner.formats.lorafile import save_lora
 from tuner.formats.metadata import build_lora_metadata
 from tuner.formats.peft import to_peft_state_dict
 from tuner.sample.png import save_png
 from tuner.sample.sampler import SampleSettings, grid, sample_images
 from tuner.train.setup import Run
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def run_weights(run: Run) -> LoraWeights:
@@ -83,9 +81,7 @@ def export_adapter(run: Run) -> list[Path]:
     for kind in run.method.saves:
         paths += WRITERS[kind](run)
     recipe_path = out / f"{run.recipe.output.name}.toml"
-    tmp = recipe_path.with_suffix(".toml.tmp")
-    tmp.write_text(run.recipe_toml, encoding="utf-8")
-    tmp.replace(recipe_path)
+    write_bytes_atomic(recipe_path, run.recipe_toml.encode("utf-8"))
     paths.append(recipe_path)
     return paths
 
@@ -163,7 +159,11 @@ def embedding_stem(token: str) -> str:
 def write_embeddings(run: Run) -> list[Path]:
     """Per token: ``embeddings/<stem>.safetensors`` (kohya ``emb_params``: A1111, ComfyUI, kohya) and
     ``embeddings/<stem>.diffusers.safetensors`` (``{token: vectors}``: diffusers ``load_textual_inversion``)."""
-    from tuner.formats.embeddings import save_diffusers_embedding, save_kohya_embedding
+    from tuner.formats.embeddings import (
+        build_embedding_metadata,
+        save_diffusers_embedding,
+        save_kohya_embedding,
+    )
 
     module = embedding_module(run)
     dtype = SAVE_DTYPES[run.recipe.output.save_dtype]
@@ -173,14 +173,16 @@ def write_embeddings(run: Run) -> list[Path]:
     for token in run.adapter.tokens:
         vectors = module.vectors(token).detach().float().cpu().to(dtype)
         stem = embedding_stem(token)
-        metadata = {
+        metadata = build_embedding_metadata(
+            family=run.base.family, token=token, n_vectors=int(vectors.shape[0]), title=stem,
+            tuner_block={"method": run.method.name, "vectors": int(vectors.shape[0]),
+                         "recipe_hash": run.recipe_hash, "base": run.base.source},
+        )
+        metadata.update({
             "ss_output_name": stem,
             "ss_steps": str(len(run.history["loss"])),
             "ss_base_model_version": run.base.family.ss_base_model_version,
-            "tuner": json.dumps({"method": run.method.name, "token": token, "vectors": int(vectors.shape[0]),
-                                 "family": run.base.family.name, "recipe_hash": run.recipe_hash,
-                                 "base": run.base.source}),
-        }
+        })
         paths.append(folder / f"{stem}.safetensors")
         save_kohya_embedding(paths[-1], vectors, metadata)
         paths.append(folder / f"{stem}.diffusers.safetensors")
@@ -221,9 +223,7 @@ def write_model(run: Run) -> list[Path]:
                              extra={"extracted_retained_energy_mean": result.summary.mean_retained})
     save_lora(lora_path, weights, run.base.family, dtype=SAVE_DTYPES[run.recipe.output.save_dtype], metadata=metadata)
     report = run.out_dir / f"{run.recipe.output.name}.extract.txt"
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(format_report(result, rows=20) + "\n", encoding="utf-8")
-    tmp.replace(report)
+    write_bytes_atomic(report, (format_report(result, rows=20) + "\n").encode("utf-8"))
     return [folder, lora_path, report]
 
 

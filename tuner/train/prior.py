@@ -8,23 +8,21 @@ ordinary dataset (``tuner.data.folder.scan_dataset``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tuner.data.images import IMAGE_EXTENSIONS
+from tuner.data.folder import image_files
 from tuner.errors import TunerError
+from tuner.formats.io import write_bytes_atomic
 from tuner.models.base import BaseModel
 from tuner.sample.png import infotext, save_png
 from tuner.sample.sampler import SampleSettings, sample_images
 
 
 def count_images(folder: Path) -> int:
-    if not folder.is_dir():
-        return 0
-    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    return len(image_files(folder)) if folder.is_dir() else 0
 
 
 def ensure_class_images(
@@ -66,10 +64,7 @@ def ensure_class_images(
             break
         prompt = prompts[i % len(prompts)]
         image = sample_images(base, [prompt], [seed + i], settings)[0]
-        caption = png.with_suffix(".txt")
-        tmp = caption.with_name(f".{caption.name}.tmp")
-        tmp.write_text(prompt + "\n", encoding="utf-8")
-        os.replace(tmp, caption)
+        write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
         save_png(image, png, parameters=infotext(
             prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
             cfg=settings.cfg, seed=seed + i, width=image.width, height=image.height,
