@@ -40,7 +40,7 @@ def test_every_disk_problem_is_reported_together(capsys, tmp_path):
     assert "4 problem(s):" in out
     assert "model.base: base model path '/path/to/stable-diffusion-v1-5' does not exist" in out
     assert "data.path: dataset folder /path/to/photos does not exist" in out
-    assert f"output.dir: cannot write '{blocker / 'out'}'" in out and "is a file" in out
+    assert f"output.dir = '{blocker / 'out'}' cannot be written" in out and "is a file" in out
     assert f"prior.class_prompts: empty, and '{tmp_path / 'cls'}' lacks 200 class images" in out
 
 

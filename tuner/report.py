@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tuner.formats.io import write_text_atomic
+
 
 def svg_curve(values: Sequence[float], *, title: str, width: int = 560, height: int = 180, smooth: int = 10) -> str:
     """A line plot of ``values`` (and its moving average over ``smooth`` points) as an inline SVG."""
@@ -78,7 +80,5 @@ def write_report(
             parts.append(f"<figure><img src='{html.escape(rel)}' alt='{html.escape(caption)}' width='512'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts += ["<h2>Resolved recipe</h2>", f"<pre>{html.escape(recipe_toml)}</pre>", "</body></html>"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(parts))
     return path

@@ -10,10 +10,13 @@ path; nothing here unpickles anything.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from tuner.errors import FormatError
+from tuner.errors import FormatError, TunerError
 
 # Bytes per element of each safetensors dtype we can read (sub-byte float types are not supported).
 DTYPE_SIZES: dict[str, int] = {
@@ -93,20 +96,113 @@ def save_safetensors(
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, flushed, fsynced and
-    renamed over ``path``. On failure the temporary file is removed and an existing ``path`` is untouched."""
+    renamed over ``path``. On failure the temporary file is removed and an existing ``path`` is untouched;
+    an error of the operating system (disk full, read-only, permission) is a :class:`WriteError`."""
+    with open_atomic(path) as fh:
+        _write_all(fh, data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`write_bytes_atomic` of ``text`` encoded as UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+@contextmanager
+def open_atomic(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A binary file handle whose contents appear at ``path`` only if the block completes.
+
+    For writers that want a file object (``PIL.Image.save``, ``torch.save``). The handle writes to a hidden
+    temporary file beside ``path`` (``.NAME.PID.RANDOM.tmp``); after the block it is flushed, fsynced and
+    renamed over ``path``, and the folder is fsynced. If the block raises, or the disk fills, the
+    temporary file is removed and a previous file at ``path`` stays as it was. ``OSError`` from the
+    operating system comes out as :class:`WriteError` (a :class:`~tuner.errors.TunerError` and an
+    ``OSError``) naming ``path`` and the reason.
+    """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_all(fh, data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except WriteError:
         raise
-    _fsync_dir(target.parent)
+    except OSError as exc:
+        raise WriteError.from_os_error(target, exc) from exc
+    fsync_dir(target.parent)
+
+
+class WriteError(TunerError, OSError):
+    """The operating system refused a write (disk full, read-only folder, no permission). Nothing was left
+    under the final name; the message says which file and what to do. ``errno`` and ``filename`` are set as
+    on the ``OSError`` it replaces."""
+
+    def __str__(self) -> str:  # OSError's own would show "[Errno N] ..." instead of our message
+        return str(self.args[0]) if self.args else ""
+
+    @classmethod
+    def from_os_error(cls, path: Path, exc: OSError) -> WriteError:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        err = cls(
+            f"cannot write '{path}': {reason}{f' (errno {exc.errno})' if exc.errno else ''}; nothing was written "
+            f"under that name and a previous file there is unchanged. {cls.hint(exc.errno)}."
+        )
+        err.errno = exc.errno
+        err.filename = str(path)
+        return err
+
+    @staticmethod
+    def hint(code: int | None) -> str:
+        """What to do about a failed write with this errno (a sentence without its full stop)."""
+        return _WRITE_HINTS.get(code or 0, "Check the folder and try again")
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "Free some disk space (or choose another output folder) and try again",
+    errno.EDQUOT: "Your disk quota is full: free some space and try again",
+    errno.EROFS: "The file system is read-only: choose another output folder",
+    errno.EACCES: "You may not write there: choose another output folder or fix its permissions",
+    errno.EPERM: "You may not write there: choose another output folder or fix its permissions",
+}
+
+
+def fsync_tree(folder: str | os.PathLike[str]) -> None:
+    """fsync every file and folder under ``folder`` (for folders written by other libraries, e.g.
+    diffusers' ``save_pretrained``, before they are renamed into place)."""
+    root = Path(folder)
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def writable_folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """None if ``path`` is a folder we can write into, or could be created as one; else the reason.
+
+    Nothing is created: the nearest existing folder on the way is probed with an anonymous temporary file
+    (permission bits alone do not tell, e.g. for root or on a read-only mount).
+    """
+    target = Path(path)
+    probe = target
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"none of the folders above '{target}' exists"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"'{probe}' is a file, so '{target}' cannot be a folder"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        return f"'{probe}' is not writable ({exc.strerror or exc})"
+    return None
 
 
 def _write_all(fh: BinaryIO, data: bytes, chunk: int = 1 << 24) -> None:
@@ -116,7 +212,7 @@ def _write_all(fh: BinaryIO, data: bytes, chunk: int = 1 << 24) -> None:
         fh.write(view[start : start + chunk])
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename durable where the OS allows it (POSIX); harmless to skip elsewhere."""
     try:
         dir_fd = os.open(folder, os.O_RDONLY)

@@ -194,6 +194,8 @@ def export_base(base: BaseModel, out_dir: str | Path) -> Path:
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from tuner.formats.io import fsync_tree
+
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise TunerError(f"output folder '{out}' exists and is not empty; pass a new folder")
@@ -212,6 +214,7 @@ def export_base(base: BaseModel, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        fsync_tree(tmp)  # the files are on disk before the folder gets its final name
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

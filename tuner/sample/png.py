@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from tuner.formats.io import open_atomic
 
 
 def infotext(
@@ -45,17 +46,13 @@ def infotext(
 
 
 def save_png(image: Image.Image, path: str | Path, *, parameters: str | None = None) -> Path:
-    """Save atomically (temp name, then rename), with a ``parameters`` tEXt chunk when given."""
+    """Save atomically (temporary name, fsync, rename: :func:`~tuner.formats.io.open_atomic`), with a
+    ``parameters`` tEXt chunk when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with open_atomic(path) as fh:
+        image.save(fh, format="PNG", pnginfo=info)
     return path

@@ -18,6 +18,7 @@ from tuner.config.schema import Recipe
 from tuner.data.dataset import TrainDataset
 from tuner.data.folder import DatasetIndex, scan_dataset
 from tuner.errors import TunerError
+from tuner.formats.io import writable_folder_problem
 from tuner.models.base import BaseModel, load_base
 from tuner.optim.optimizers import build_optimizer, build_schedule
 from tuner.train.ema import Ema
@@ -157,6 +158,28 @@ def check_tokens_in_captions(index: DatasetIndex, tokens: list[str], data_path: 
         )
 
 
+def output_folder_problems(recipe: Recipe) -> list[str]:
+    """Folders the run will write into that cannot be written (each message names the key and the fix)."""
+    problems = []
+    why = writable_folder_problem(recipe.output.dir)
+    if why:
+        problems.append(f"output.dir = '{recipe.output.dir}' cannot be written: {why}. Pick a writable folder "
+                        "(--output DIR or output.dir in the recipe)")
+    if recipe.prior.enabled and recipe.prior.class_dir:
+        why = writable_folder_problem(recipe.prior.class_dir)
+        if why:
+            problems.append(f"prior.class_dir = '{recipe.prior.class_dir}' cannot be written: {why}. Pick a "
+                            "writable folder, or leave prior.class_dir empty to use <output.dir>/class_images")
+    return problems
+
+
+def check_output_folders(recipe: Recipe) -> None:
+    """Refuse to start (before any model loads) when an output folder cannot be written."""
+    problems = output_folder_problems(recipe)
+    if problems:
+        raise TunerError("; ".join(problems))
+
+
 def class_image_dir(recipe: Recipe) -> Path:
     return Path(recipe.prior.class_dir) if recipe.prior.class_dir else Path(recipe.output.dir) / "class_images"
 
@@ -188,6 +211,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
 
     if not recipe.data.path:
         raise TunerError("no training data: set data.path in the recipe or pass --data FOLDER")
+    check_output_folders(recipe)
     index = scan_dataset(
         recipe.data.path,
         instance_prompt=recipe.data.instance_prompt,

@@ -9,16 +9,20 @@ class-image cache, the output folder, optional packages and the device. Every pr
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tuner.config.schema import Recipe
 from tuner.data.folder import scan_dataset
 from tuner.errors import TunerError
 from tuner.models.base import check_base_spec
 from tuner.train.prior import count_images
-from tuner.train.setup import StepArithmetic, check_tokens_in_captions, class_image_dir, pick_device
+from tuner.train.setup import (
+    StepArithmetic,
+    check_tokens_in_captions,
+    class_image_dir,
+    output_folder_problems,
+    pick_device,
+)
 
 
 @dataclass
@@ -26,20 +30,6 @@ class Validation:
     arithmetic: StepArithmetic | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def _writable_folder(path: Path) -> str | None:
-    """None if ``path`` exists as a writable folder or could be created; else why not."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            return f"no existing parent of '{path}'"
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"'{probe}' is a file, so '{path}' cannot be a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"'{probe}' is not writable"
-    return None
 
 
 def validate_recipe(recipe: Recipe) -> Validation:
@@ -78,9 +68,7 @@ def validate_recipe(recipe: Recipe) -> Validation:
         v.notes.append(f"class images: {have} in '{folder}', {missing} to generate before training")
         if missing and not recipe.prior.class_prompts:
             v.problems.append(f"prior.class_prompts: empty, and '{folder}' lacks {missing} class images")
-    why = _writable_folder(Path(recipe.output.dir))
-    if why:
-        v.problems.append(f"output.dir: cannot write '{recipe.output.dir}': {why}")
+    v.problems += output_folder_problems(recipe)
     if recipe.optim.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         v.problems.append("optim.optimizer = 'adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, or "
                           "set optim.optimizer = \"adamw\"")
