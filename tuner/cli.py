@@ -176,6 +176,37 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tuner.formats.convert import convert_file
+
+    result = convert_file(args.file, args.to, args.out, family=args.family, dtype=args.save_dtype,
+                          token=args.token, lenient=args.lenient)
+    for note in result.notes:
+        print(f"note: {note}")
+    what = f"{result.modules} modules" if result.modules else "embedding"
+    for path in result.outputs:
+        print(f"wrote {path} ({result.source_format} -> {result.target}, {what})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tuner.adapters.merge import MergeInput, format_merge_report, merge_into_base, merge_loras
+
+    inputs = [MergeInput.parse(text) for text in args.lora]
+    if args.base:
+        if args.rank or args.conv_rank:
+            raise TunerError("merge: --rank/--conv-rank make one LoRA from several; they do not apply with --base")
+        folder, modules = merge_into_base(args.base, inputs, args.out, lenient=args.lenient)
+        print(f"merged {len(inputs)} LoRA file(s) ({modules} modules) into {args.base}; wrote diffusers folder "
+              f"{folder} (--base {folder} works everywhere)")
+        return 0
+    result = merge_loras(inputs, args.out, rank=args.rank, conv_rank=args.conv_rank, family=args.family,
+                         dtype=args.save_dtype, lenient=args.lenient)
+    print(format_merge_report(result))
+    print(f"wrote {result.path} ({result.mode}; ss_network_dim {result.metadata['ss_network_dim']})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tuner.demo import run_demo
 
@@ -349,6 +380,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), help="default: the file's own")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("convert", help="rewrite a LoRA or embedding file in another tool's layout")
+    p.add_argument("file", help="LoRA (.safetensors) or embedding (.safetensors, .pt, .bin) file")
+    p.add_argument("--to", required=True, choices=("kohya", "diffusers", "peft", "a1111-pt"),
+                   help="LoRA: kohya, diffusers or peft; embedding: kohya, diffusers or a1111-pt")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--family", help="model family of the file (default: from its metadata and tensor widths)")
+    p.add_argument("--token", help="embedding: the token to write (default: the file's)")
+    p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), help="default: the file's own")
+    p.add_argument("--lenient", action="store_true", help="skip (and count) keys that fit no module")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge", help="merge LoRAs into a base model, or several LoRAs into one")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
+                   help="LoRA file and ratio (repeatable)")
+    p.add_argument("--base", help="merge into this base ('tiny' or a diffusers folder) and write a diffusers folder")
+    p.add_argument("--rank", type=int, help="without --base: re-factor the merged LoRA to this rank by SVD "
+                   "(default: concatenate ranks, exact)")
+    p.add_argument("--conv-rank", type=int, help="with --rank: rank of 3x3 conv modules (default: --rank)")
+    p.add_argument("--family", help="without --base: model family of the files (default: detected)")
+    p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"),
+                   help="without --base: default the inputs' dtype (fp32 if they differ)")
+    p.add_argument("--lenient", action="store_true", help="skip (and count) keys that fit no module")
+    p.add_argument("--out", required=True, help="output folder (with --base) or .safetensors file")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="the main job on the embedded base: train a subject LoRA, sample before/after")
     p.add_argument("--out", default="out/demo", help="output folder")

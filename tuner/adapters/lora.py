@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuner.adapters.lycoris import fit_problem, kind_of, weight_delta
 from tuner.adapters.types import LoraModule, LoraWeights, split_key
 from tuner.errors import FormatError
 
@@ -192,13 +193,13 @@ def check_shapes(models: Mapping[str, nn.Module], weights: LoraWeights, family_n
     bad = []
     for key, mod in weights.modules.items():
         w = resolve_module(models, key).weight
-        out_f, in_f = int(mod.up.shape[0]), int(mod.down.shape[1])
-        if (w.shape[0], w.shape[1]) != (out_f, in_f):
-            bad.append(f"{key}: adapter [{out_f}, {in_f}] vs base {list(w.shape[:2])}")
+        problem = fit_problem(mod, w.shape)
+        if problem is not None:
+            bad.append(f"{key}: {problem}")
     if bad:
         from tuner.formats.detect import detect_family
 
-        shapes = {k: tuple(m.down.shape) for k, m in weights.modules.items()}
+        shapes = {k: tuple(m.down.shape) for k, m in weights.modules.items() if isinstance(m, LoraModule)}
         made_for = detect_family(weights.metadata, shapes) or weights.metadata.get("ss_base_model_version", "unknown")
         raise FormatError(
             f"the LoRA does not fit this base model ({family_name}); it was made for '{made_for}'. "
@@ -208,10 +209,11 @@ def check_shapes(models: Mapping[str, nn.Module], weights: LoraWeights, family_n
 
 @torch.no_grad()
 def merge_lora(models: Mapping[str, nn.Module], weights: LoraWeights, multiplier: float = 1.0) -> int:
-    """Add ``multiplier * alpha/r * up @ down`` to each targeted weight, in place. Returns modules merged."""
+    """Add ``multiplier * alpha/r * up @ down`` to each targeted weight, in place (LoHa/LoKr/DoRA modules:
+    their deltas, :func:`tuner.adapters.lycoris.weight_delta`). Returns modules merged."""
     for key, mod in weights.modules.items():
         layer = resolve_module(models, key)
-        delta = mod.delta(layer.weight.shape, multiplier)
+        delta = weight_delta(mod, layer.weight, multiplier)
         layer.weight.add_(delta.to(layer.weight.dtype, copy=False).to(layer.weight.device))
     return len(weights.modules)
 
@@ -220,7 +222,14 @@ def attach_lora_file(
     models: Mapping[str, nn.Module], weights: LoraWeights, adapter_name: str, multiplier: float = 1.0
 ) -> None:
     """Attach a loaded LoRA as separate (unmerged) peft layers with its exact per-module ranks and scales.
-    Several files can be attached under different ``adapter_name``s; all stay active."""
+    Several files can be attached under different ``adapter_name``s; all stay active. LoHa/LoKr/DoRA
+    modules have no peft LoRA layer: a :class:`FormatError` says to merge them instead."""
+    others = sorted({kind_of(m) for m in weights.modules.values() if not isinstance(m, LoraModule)})
+    if others:
+        raise FormatError(
+            f"{', '.join(others)} modules can only be merged into the weights, not attached as separate "
+            "LoRA layers: drop --no-merge"
+        )
     by_component: dict[str, dict[str, LoraModule]] = {}
     for key, mod in weights.modules.items():
         component, path = split_key(key)

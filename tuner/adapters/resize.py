@@ -93,6 +93,7 @@ def resize_tensors(
                 raise TunerError(f"resize: {exc}") from None
         else:
             k = min(r, (conv_rank or rank) if is_conv3 else rank)  # type: ignore[type-var]
+        k = min(k, int(s.numel()))  # a rank above min(out, in) has nothing more to keep
         energy = s.double().square()
         total = float(energy.sum())
         retained = 1.0 if total == 0.0 else min(1.0, float(energy[:k].sum()) / total)

@@ -1,9 +1,8 @@
 """What kind of adapter file this is, and for which model family (STYLE.md #9).
 
 :data:`FORMATS` is an ordered list of ``(format name, predicate)``; the first predicate that holds names
-the format. Predicates see the tensor names and, when known, their shapes (``{name: shape}``). The
-LyCORIS and DoRA formats are recognised so that a clear "not supported yet" can be given; reading them
-comes later.
+the format. Predicates see the tensor names and, when known, their shapes (``{name: shape}``). A file
+mixing LyCORIS kinds is named after the first kind found in this order (DoRA, LoHa, LoKr).
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ FORMATS: list[tuple[str, Predicate]] = [
     ("embedding-sdxl", lambda keys, shapes: set(keys) == {"clip_l", "clip_g"}),
     ("dora", lambda keys, shapes: any(k.endswith(("dora_scale", "lora_magnitude_vector")) for k in keys)),
     ("lycoris-loha", _has(".hada_w1_a")),
-    ("lycoris-lokr", _has(".lokr_w1")),
+    ("lycoris-lokr", _has(".lokr_w")),
     ("kohya-locon", _is_kohya_locon),
     ("kohya", _is_kohya),
     ("kohya-bundle", _is_kohya_bundle),
@@ -86,6 +85,7 @@ FORMATS: list[tuple[str, Predicate]] = [
 ]
 
 KOHYA_FORMATS = ("kohya", "kohya-locon")
+LYCORIS_FORMATS = ("lycoris-loha", "lycoris-lokr", "dora")
 PEFT_FORMATS = ("peft", "diffusers-old", "diffusers-attn-processor")
 EMBEDDING_FORMATS = ("embedding-kohya", "embedding-sdxl", "embedding-diffusers")
 
@@ -143,7 +143,9 @@ def family_from_shapes(shapes: Shapes) -> str | None:
             return "sdxl"
         if not shape:
             continue
-        is_down = key.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".down.weight"))
+        is_down = key.endswith(
+            (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".down.weight", ".hada_w1_b")
+        )
         if is_down and len(shape) == 2 and re.search(r"[._]q_proj[._]", key):
             # only text encoders have q_proj (the UNet says to_q)
             te_width = shape[1]

@@ -15,9 +15,11 @@ from typing import Any
 
 from tuner.errors import FormatError
 from tuner.formats.common import decode_metadata
+from tuner.formats.compat import expected_loaders, format_loaders
 from tuner.formats.detect import (
     EMBEDDING_FORMATS,
     KOHYA_FORMATS,
+    LYCORIS_FORMATS,
     PEFT_FORMATS,
     detect_family,
     detect_format,
@@ -25,6 +27,8 @@ from tuner.formats.detect import (
 )
 from tuner.formats.embeddings import PICKLE_SUFFIXES, EmbeddingData, describe_width, read_embedding
 from tuner.formats.io import TensorInfo, data_offset, read_header, read_tensors
+from tuner.formats.kohya import KOHYA_PREFIXES
+from tuner.formats.metadata import TUNER_KEY
 from tuner.formats.peft import parse_key
 
 METHODS = {
@@ -42,6 +46,9 @@ METHODS = {
     "dora": "dora",
 }
 
+TOP_TAGS = 10
+# The tensor whose first dimension is a LyCORIS module's rank, by priority (LoKr: w2's factor wins).
+_RANK_PARTS = {"lora_down.weight": 3, "hada_w1_b": 3, "lokr_w2_b": 2, "lokr_w1_b": 1}
 _KOHYA_TE = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 _BLOCK = re.compile(r"^(down_blocks|up_blocks|input_blocks|output_blocks)[._](\d+)|^(mid_block|middle_block)")
 # Leaf layer names, longest first so that ``ff_net_0_proj`` wins over ``proj``.
@@ -62,8 +69,11 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``rank_alpha`` ({module: {"rank", "alpha"}} only when they vary), ``dtype`` (a name, or {name: count}),
     ``embeddings`` ({key: shape} for embedding files), ``embedding`` (for embedding files and bundles: the
     layout, token, ``vectors`` {key: "n x D"} and the family the width implies, or ``problem``),
-    ``metadata`` (every entry, JSON values decoded) and ``hashes`` (stored vs recomputed
-    ``sshs_model_hash``, ``matches``: bool, or None when none is stored). ``.pt``/``.bin`` files are read
+    ``metadata`` (every entry, JSON values decoded), ``hashes`` (stored vs recomputed
+    ``sshs_model_hash``, ``matches``: bool, or None when none is stored), ``kinds`` ({lora/loha/lokr/
+    dora+...: modules}, only when not all plain LoRA), ``trigger_words``, ``tags`` (the most frequent
+    ``ss_tag_frequency`` tags, ``[tag, count]``) and ``loaders`` ({tool: {"loads", "why"}}, see
+    :func:`~tuner.formats.compat.expected_loaders`). ``.pt``/``.bin`` files are read
     as embeddings only (``weights_only``; anything else is refused).
     """
     p = Path(path)
@@ -95,9 +105,46 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             if fmt != "kohya-bundle" or k.startswith("bundle_emb.")
         }
         info["embedding"] = _embedding_summary(p)
+    kinds = Counter(m.get("kind", "lora") for m in modules.values())
+    if len(kinds) > 1 or (kinds and next(iter(kinds)) != "lora"):
+        info["kinds"] = dict(sorted(kinds.items()))
+        if fmt in LYCORIS_FORMATS:
+            info["method"] = "+".join(sorted({k.removeprefix("dora+") for k in kinds})) + (
+                "+dora" if any(k.startswith("dora+") for k in kinds) else ""
+            )
+    table = info.pop("_rank_alpha_all")
     info["metadata"] = decode_metadata(metadata)
+    info["trigger_words"] = _trigger_words(info["metadata"])
+    info["tags"] = _top_tags(info["metadata"])
     info["hashes"] = _hashes(p, metadata)
+    layout = (info.get("embedding") or {}).get("format")
+    info["loaders"] = expected_loaders(fmt, info["family"], list(header), table, layout) if fmt != "unknown" else {}
     return info
+
+
+def _trigger_words(metadata: dict[str, Any]) -> list[str]:
+    """From ``modelspec.trigger_phrase`` (comma-separated) and the tuner block's ``token``/``tokens``."""
+    words: list[str] = []
+    phrase = metadata.get("modelspec.trigger_phrase")
+    if isinstance(phrase, str):
+        words += [w.strip() for w in phrase.split(",") if w.strip()]
+    block = metadata.get(TUNER_KEY)
+    if isinstance(block, dict):
+        for key in ("token", "tokens", "trigger_words"):
+            value = block.get(key)
+            words += [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, str)]
+    return list(dict.fromkeys(words))
+
+
+def _top_tags(metadata: dict[str, Any], n: int = TOP_TAGS) -> list[list[Any]]:
+    """The ``n`` most frequent caption tags of ``ss_tag_frequency`` (summed over its folders)."""
+    freq = metadata.get("ss_tag_frequency")
+    counts: Counter[str] = Counter()
+    if isinstance(freq, dict):
+        for tags in freq.values():
+            if isinstance(tags, dict):
+                counts.update({str(t): int(c) for t, c in tags.items() if isinstance(c, (int, float))})
+    return [[tag, count] for tag, count in counts.most_common(n)]
 
 
 def _embedding_summary(p: Path) -> dict[str, Any]:
@@ -129,16 +176,36 @@ def _inspect_pickled_embedding(p: Path) -> dict[str, Any]:
         "format": f"embedding-{data.format}", "family": family_from_shapes(shapes), "method": "embedding",
         "modules": 0, "targets": {}, "layers": {}, "rank": None, "alpha": None, "dtype": "pickle",
         "embeddings": {k: list(v.shape) for k, v in data.vectors.items()},
-        "embedding": _summarise(data), "metadata": dict(data.metadata),
+        "embedding": _summarise(data), "metadata": dict(data.metadata), "trigger_words": [], "tags": [],
+        "loaders": expected_loaders(f"embedding-{data.format}", None, [], None, data.format),
         "hashes": {"sshs_model_hash": None, "recomputed": digest, "matches": None,
                    "modelspec_hash_matches": None, "sshs_legacy_hash": None},
     }  # fmt: skip
 
 
 def _modules(fmt: str, header: dict[str, TensorInfo]) -> dict[str, dict[str, Any]]:
-    """module name -> {"group", "layer", "down" (key of the down factor), "alpha" (key or None)}."""
+    """module name -> {"group", "layer", "down" (key of the tensor whose first dim is the rank), "alpha"
+    (key or None), "kind" (lora, loha, lokr, with ``dora+`` when it has a magnitude)}."""
     modules: dict[str, dict[str, Any]] = {}
-    if fmt in KOHYA_FORMATS or fmt == "kohya-bundle":
+    kohya_named = all(k.startswith(KOHYA_PREFIXES) for k in header)
+    if fmt in LYCORIS_FORMATS and kohya_named:
+        for key in header:
+            name, _, part = key.partition(".")
+            entry = modules.setdefault(name, {"group": _kohya_group(name), "layer": _layer(name), "kind": "lora"})
+            if part in _RANK_PARTS and _RANK_PARTS[part] >= entry.get("rank_priority", -1):
+                entry["down"], entry["rank_priority"] = key, _RANK_PARTS[part]
+            if part.startswith("hada_"):
+                entry["kind"] = "loha"
+            elif part.startswith("lokr_"):
+                entry["kind"] = "lokr"
+            elif part == "alpha":
+                entry["alpha"] = key
+            elif part == "dora_scale":
+                entry["dora"] = True
+        for entry in modules.values():
+            if entry.pop("dora", False):
+                entry["kind"] = "dora+" + entry["kind"]
+    elif fmt in KOHYA_FORMATS or fmt == "kohya-bundle":
         for key in header:
             if key.startswith("bundle_emb."):
                 continue
@@ -148,15 +215,19 @@ def _modules(fmt: str, header: dict[str, TensorInfo]) -> dict[str, dict[str, Any
                 entry["down"] = key
             elif part == "alpha":
                 entry["alpha"] = key
-    elif fmt in PEFT_FORMATS:
+    elif fmt in PEFT_FORMATS or fmt == "dora":
+        magnitudes = {k.rsplit(".lora_magnitude_vector", 1)[0] for k in header if ".lora_magnitude_vector" in k}
         for key in header:
             parsed = parse_key(key)
             if parsed is None:
                 continue
+            if any(key.startswith(prefix + ".") for prefix in magnitudes):
+                modules.setdefault(parsed[0], {}).setdefault("kind", "dora+lora")
             canonical, part = parsed
             component, path = canonical.split(":", 1)
             group = component if component != "unet" else _unet_group(path)
-            entry = modules.setdefault(canonical, {"group": group, "layer": _layer(path.replace(".", "_"))})
+            entry = modules.setdefault(canonical, {})
+            entry.update(group=group, layer=_layer(path.replace(".", "_")))
             if part in ("down", "alpha"):
                 entry[part] = key
     return modules
@@ -199,15 +270,18 @@ def _rank_alpha(
     )
     table: dict[str, dict[str, Any]] = {}
     for name, m in modules.items():
-        rank = header[m["down"]][1][0] if m.get("down") and header[m["down"]][1] else None
+        shape = header[m["down"]][1] if m.get("down") else ()
+        rank = shape[0] if shape else None
         alpha = alphas.get(m.get("alpha") or "")
-        table[name] = {"rank": rank, "alpha": alpha if alpha is not None else rank}
+        conv3 = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+        table[name] = {"rank": rank, "alpha": alpha if alpha is not None else rank, "conv3": conv3}
     ranks = {row["rank"] for row in table.values()}
     alpha_values = {row["alpha"] for row in table.values()}
     info["rank"] = next(iter(ranks)) if len(ranks) == 1 else None
     info["alpha"] = next(iter(alpha_values)) if len(alpha_values) == 1 else None
+    info["_rank_alpha_all"] = table
     if len(ranks) > 1 or len(alpha_values) > 1:
-        info["rank_alpha"] = table
+        info["rank_alpha"] = {k: {"rank": v["rank"], "alpha": v["alpha"]} for k, v in table.items()}
 
 
 def _hashes(p: Path, metadata: dict[str, str]) -> dict[str, Any]:
@@ -260,6 +334,15 @@ def format_inspection(info: dict[str, Any]) -> str:
         vectors = ", ".join(f"{k} {v}" for k, v in summary["vectors"].items())
         lines.append(f"  embedding: token '{summary['token']}' ({summary['format']} layout), vectors {vectors}, "
                      f"width implies {summary['implies']}")
+    if info.get("kinds"):
+        lines.append("  module kinds: " + ", ".join(f"{k} ({n})" for k, n in info["kinds"].items()))
+    if info.get("trigger_words"):
+        lines.append("  trigger words: " + ", ".join(info["trigger_words"]))
+    if info.get("tags"):
+        lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in info["tags"]))
+    if info.get("loaders"):
+        lines.append("  expected to load fully (FORMATS.md rules, key layout only):")
+        lines.extend(format_loaders(info["loaders"]))
     hashes = info["hashes"]
     verdict = {True: "matches", False: "DOES NOT MATCH", None: "not stored"}[hashes["matches"]]
     lines.append(

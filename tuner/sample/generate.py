@@ -52,7 +52,7 @@ def load_loras_for(base: BaseModel, specs: Sequence[LoraSpec], *, lenient: bool 
     for spec in specs:
         if not spec.path.is_file():
             raise TunerError(f"LoRA file '{spec.path}' does not exist")
-        weights = load_lora(spec.path, name_table=table, lenient=lenient)
+        weights = load_lora(spec.path, name_table=table, lenient=lenient, family=base.family)
         check_shapes(models, weights, base.family.name)
         digest = weights.metadata.get("sshs_model_hash", "")
         loaded.append(LoadedLora(spec, weights, weights.metadata.get("ss_output_name") or spec.path.stem, digest[:12]))
