@@ -105,7 +105,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not spec.path.is_file():
             raise TunerError(f"LoRA file '{spec.path}' does not exist")
     embeddings = read_embeddings([EmbeddingSpec.parse(s) for s in args.embedding or ()])  # fail fast too
-    base = load_base(args.base)
+    base = load_base(args.base, prediction_type=args.prediction_type)
     for note in base.notes:
         print(f"NOTE: {note}")
     apply_embeddings(base, embeddings)
@@ -120,6 +120,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from tuner.models.single_file import convert_checkpoint
+
+    print(convert_checkpoint(args.file, args.out).format())
     return 0
 
 
@@ -332,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("sample", help="generate images, optionally with LoRAs")
-    p.add_argument("--base", default="tiny", help="'tiny' or a local diffusers folder")
+    p.add_argument("--base", default="tiny", help="'tiny', a local diffusers folder or a single-file checkpoint")
+    p.add_argument("--prediction-type", choices=("epsilon", "v"),
+                   help="what an SD2.x single-file base predicts (768-v models: v); its weights cannot tell")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA file and scale (repeatable)")
     p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
                    help="textual-inversion embedding; TOKEN overrides the file's trigger (repeatable)")
@@ -346,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs as separate layers instead of merging")
     p.add_argument("--lenient", action="store_true", help="ignore (and count) unknown keys in LoRA files")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("convert-checkpoint", help="convert a .ckpt/.pt checkpoint to .safetensors, safely")
+    p.add_argument("file", help="pickle checkpoint (.ckpt, .pt, .pth, .bin)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("inspect", help="describe an adapter file")
     p.add_argument("file")

@@ -168,6 +168,9 @@ class OutputConfig:
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     peft_export: bool = False
     """Also write a diffusers/PEFT-format file (``<name>.peft.safetensors``) for diffusers-only users."""
+    model_format: Literal["diffusers", "single-file"] = "diffusers"
+    """DreamBooth: write the fine-tuned model as a diffusers folder ``model/`` or as one ``model.safetensors``
+    in the original LDM layout that A1111 and ComfyUI load (SD1.x)."""
     trigger_words: list[str] = field(default_factory=list)
 
 

@@ -40,7 +40,9 @@ SDXL_LAYOUT = UnetLayout(
 
 # Family name -> layout, for the families whose kohya files may use LDM names. SD2 has SD1's block
 # structure. tuner's tiny base has no entry: no other tool writes LDM names for it.
-LDM_LAYOUTS: dict[str, UnetLayout] = {"sd15": SD1_LAYOUT, "sd2": SD1_LAYOUT, "sdxl": SDXL_LAYOUT}
+LDM_LAYOUTS: dict[str, UnetLayout] = {
+    "sd15": SD1_LAYOUT, "sd2": SD1_LAYOUT, "sd2v": SD1_LAYOUT, "sdxl": SDXL_LAYOUT,
+}
 
 # Inside a resnet block (both architectures).
 RESNET_RENAMES: tuple[tuple[str, str], ...] = (

@@ -1,4 +1,5 @@
-"""Loading a base model: the embedded ``tiny`` base or a local diffusers folder. Never a hub.
+"""Loading a base model: the embedded ``tiny`` base, a local diffusers folder or a single-file checkpoint
+(:mod:`tuner.models.single_file`). Never a hub.
 
 A :class:`BaseModel` holds the components as separate modules (UNet, VAE, text encoder, tokenizer) plus the
 noise-scheduler config; trainers adapt whichever parts they need and the sampler runs them.
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from tuner.errors import TunerError
-from tuner.models.families import SD15, TINY, Family
+from tuner.models.families import SD2, SD2V, SD15, SDXL, TINY, Family
 
 DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -67,22 +68,42 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and " " not in spec
 
 
-def load_base(spec: str, *, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load ``tiny`` or a local diffusers folder of the SD1.x layout, on the CPU.
+def load_base(spec: str, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None) -> BaseModel:
+    """Load ``tiny``, a local diffusers folder (SD1.x/SD2.x layout) or a single-file checkpoint, on the CPU.
 
-    Raises :class:`TunerError` within seconds for a hub id, a missing path, a single-file checkpoint (not
-    supported yet) or a folder missing a component, saying what to pass instead.
+    Raises :class:`TunerError` within seconds for a hub id, a missing path, an unknown or unsafe file or a
+    folder missing a component, saying what to pass instead. ``prediction_type`` (``"epsilon"``/``"v"``)
+    says what an SD2.x single file predicts (its weights cannot tell).
     """
     if spec == "tiny":
         return _load_tiny(dtype)
     path = Path(spec).expanduser()
-    family = check_base_spec(spec)
+    family = check_base_spec(spec, prediction_type=prediction_type)
+    if path.is_file():
+        return _load_single_file(path, family, dtype)
     return _load_diffusers_folder(path, family, dtype)
 
 
-def check_base_spec(spec: str) -> Family:
-    """What :func:`load_base` checks before loading any weight (it reads only JSON configs): the family of
-    ``spec``, or a :class:`TunerError` saying what to pass instead (``tuner validate`` uses it)."""
+def _load_single_file(path: Path, family: Family, dtype: torch.dtype) -> BaseModel:
+    from tuner.models.single_file import components_from_ldm, read_checkpoint
+
+    tensors, _ = read_checkpoint(path)
+    loaded = components_from_ldm(family, tensors, source=f"'{path}'", dtype=dtype)
+    return BaseModel(
+        family=family,
+        unet=loaded.modules["unet"],
+        vae=loaded.modules["vae"],
+        text_encoder=loaded.modules["text_encoder"],
+        tokenizer=loaded.tokenizers["tokenizer"],
+        scheduler_config=loaded.scheduler_config,
+        source=str(path),
+    )
+
+
+def check_base_spec(spec: str, *, prediction_type: str | None = None) -> Family:
+    """What :func:`load_base` checks before loading any weight (it reads only JSON configs, or a
+    ``.safetensors`` header): the family of ``spec``, or a :class:`TunerError` saying what to pass instead
+    (``tuner validate`` uses it)."""
     if spec == "tiny":
         return TINY
     path = Path(spec).expanduser()
@@ -92,33 +113,40 @@ def check_base_spec(spec: str) -> Family:
             f"machine with access (e.g. `huggingface-cli download {spec} --local-dir DIR`) and pass "
             "--base DIR, or use --base tiny (the embedded base)."
             if _looks_like_hub_id(spec)
-            else f"base model path '{spec}' does not exist. Pass --base tiny (the embedded base) or the path "
-            "of a local diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+            else f"base model path '{spec}' does not exist. Pass --base tiny (the embedded base), the path "
+            "of a local diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a "
+            "single-file checkpoint (.safetensors)."
         )
         raise TunerError(hint)
     if path.is_file():
-        raise TunerError(
-            f"'{spec}' is a single file. Single-file checkpoints are not supported yet: pass a diffusers folder "
-            "(with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or --base tiny."
-        )
+        from tuner.models.single_file import check_single_file
+
+        family = check_single_file(path, prediction_type=prediction_type)
+        if len(family.text_encoders) > 1:
+            raise TunerError(
+                f"'{spec}' is an {family.description} checkpoint; tuner reads SDXL files "
+                "(tuner.models.single_file.load_single_file) but cannot train or sample SDXL yet."
+            )
+        return family
     missing = [c for c in DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise TunerError(
-            f"'{path}' is not a diffusers SD1.x folder: missing {', '.join(m + '/' for m in missing)}. "
+            f"'{path}' is not a diffusers SD1.x/SD2.x folder: missing {', '.join(m + '/' for m in missing)}. "
             "Expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as written by "
             "StableDiffusionPipeline.save_pretrained or `tuner export-base`)."
         )
     unet_cfg = _read_json(path / "unet" / "config.json")
     cross_dim = unet_cfg.get("cross_attention_dim")
-    if unet_cfg.get("addition_embed_type") == "text_time" or cross_dim == 2048:
-        raise TunerError(f"'{path}' is an SDXL model; SDXL bases are not supported yet (only SD1.x layouts).")
+    if unet_cfg.get("addition_embed_type") == "text_time" or cross_dim == SDXL.cross_attention_dim:
+        raise TunerError(f"'{path}' is an SDXL model; SDXL bases are not supported yet (SD1.x and SD2.x only).")
     if cross_dim == 1024:
-        raise TunerError(f"'{path}' is an SD2.x model; SD2.x bases are not supported yet (only SD1.x layouts).")
+        sched = _read_json(path / "scheduler" / "scheduler_config.json")
+        return SD2V if sched.get("prediction_type") == "v_prediction" else SD2
     family = {768: SD15, TINY.cross_attention_dim: TINY}.get(cross_dim)
     if family is None:
         raise TunerError(
             f"'{path}': unet cross_attention_dim {cross_dim!r} matches no known family "
-            "(768 = SD1.x, 128 = tuner tiny)."
+            "(768 = SD1.x, 1024 = SD2.x, 128 = tuner tiny)."
         )
     return family
 

@@ -191,7 +191,8 @@ def write_embeddings(run: Run) -> list[Path]:
 
 
 def write_model(run: Run) -> list[Path]:
-    """DreamBooth: the fine-tuned base as a diffusers folder ``model/``, ``<name>.safetensors``, a LoRA of
+    """DreamBooth: the fine-tuned base as a diffusers folder ``model/`` (or, with ``output.model_format =
+    "single-file"``, one LDM-layout ``model.safetensors``), ``<name>.safetensors``, a LoRA of
     rank ``adapter.rank`` extracted by SVD from the difference to the original base, and
     ``<name>.extract.txt``, how much of each module's difference that rank keeps (worst modules first)."""
     from tuner.adapters.extract import extract_lora as extract_from_models
@@ -207,7 +208,16 @@ def write_model(run: Run) -> list[Path]:
         scheduler_config=run.base.scheduler_config,
         source=str(run.out_dir / "model"),
     )
-    folder = export_base(tuned, run.out_dir / "model")
+    if run.recipe.output.model_format == "single-file":
+        from tuner.models.single_file import save_single_file
+
+        folder = save_single_file(
+            run.out_dir / "model.safetensors", tuned.family,
+            {"unet": tuned.unet, "vae": tuned.vae, "text_encoder": tuned.text_encoder},
+            dtype=SAVE_DTYPES[run.recipe.output.save_dtype], prediction_type=tuned.prediction_type,
+        )
+    else:
+        folder = export_base(tuned, run.out_dir / "model")
     original = load_base(run.recipe.model.base)
     a = run.adapter
     result = extract_from_models(

@@ -38,6 +38,9 @@ def validate_recipe(recipe: Recipe) -> Validation:
     try:
         family = check_base_spec(recipe.model.base)
         v.notes.append(f"base: {recipe.model.base} (family {family.name}, {family.resolution} px)")
+        if recipe.output.model_format == "single-file" and (family.configs is None or family.ldm_layers_dropped):
+            v.problems.append(f"output.model_format: 'single-file' is written for SD1.x bases only, not "
+                              f"{family.name}; use 'diffusers'")
     except TunerError as exc:
         v.problems.append(f"model.base: {exc}")
     index = None
