@@ -247,6 +247,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.resolution", lambda v: v == 0 or (v >= 8 and v % 8 == 0), "0 (native) or a multiple of 8, >= 8"),
     ("data.caption_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.keep_tags", lambda v: v >= 0, ">= 0"),
+    ("data.alpha_background", lambda v: len(v) == 3 and all(0 <= c <= 255 for c in v),
+     "3 integers in 0..255 (an RGB colour, e.g. [255, 255, 255] for white)"),
     ("train.steps", lambda v: v >= 1, ">= 1"),
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
     ("train.gradient_accumulation", lambda v: v >= 1, ">= 1"),

@@ -39,6 +39,8 @@ class DataConfig:
     """With shuffle_tags: number of leading tags kept in place (the trigger word, typically)."""
     strict: bool = False
     """Unreadable images are errors instead of reported skips."""
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    """RGB colour (0-255 each) that transparent pixels (RGBA, LA, palette transparency) are composited on."""
 
 
 @dataclass

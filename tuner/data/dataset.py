@@ -92,6 +92,7 @@ class TrainDataset(Dataset[Example]):
     first), and :meth:`epoch_order` shuffles them. Decoded images are kept in memory, already resized
     so their short side is ``resolution`` (the deterministic part); only crop, flip and caption edits
     are redone per example. ``center_crop=False`` crops at random; ``flip=True`` mirrors with p = 0.5.
+    Transparent pixels are composited over ``background`` (RGB).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class TrainDataset(Dataset[Example]):
         shuffle_tags: bool = False,
         keep_tags: int = 0,
         seed: int = 0,
+        background: tuple[int, int, int] = (255, 255, 255),
     ):
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -122,6 +124,7 @@ class TrainDataset(Dataset[Example]):
         self.shuffle_tags = shuffle_tags
         self.keep_tags = keep_tags
         self.seed = seed
+        self.background = background
         self.epoch = 0
         self._item_of = [k for k, item in enumerate(index.items) for _ in range(item.repeats)]
         self._images: dict[int, Image.Image] = {}
@@ -181,6 +184,7 @@ class TrainDataset(Dataset[Example]):
     def _image(self, item_index: int) -> Image.Image:
         image = self._images.get(item_index)
         if image is None:
-            image = resize_short_side(load_image(self.index.items[item_index].path), self.resolution)
+            path = self.index.items[item_index].path
+            image = resize_short_side(load_image(path, self.background), self.resolution)
             self._images[item_index] = image
         return image

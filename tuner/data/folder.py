@@ -31,6 +31,8 @@ from tuner.errors import DataError
 METADATA_FILE = "metadata.jsonl"
 CAPTION_COLUMNS: tuple[str, ...] = ("text", "caption", "prompt")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MIN_SIDE = 8
+"""Images whose shorter side is below this many pixels are skipped (reported) while scanning."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class DataItem:
     folder: str
     caption_source: str = "txt"
     """Where the caption came from: ``"txt"``, ``"metadata"`` or ``"instance_prompt"``."""
+    size: tuple[int, int] = (0, 0)
+    """(width, height) of the upright image in pixels, as decoded while scanning ((0, 0) if unknown)."""
 
 
 @dataclass
@@ -68,6 +72,21 @@ class DatasetIndex:
     def samples_per_epoch(self) -> int:
         """Number of examples in one epoch: every image counted ``repeats`` times."""
         return sum(item.repeats for item in self.items)
+
+    def summary(self, resolution: int = 0) -> str:
+        """One line for logs: images, folders, samples per epoch, skips; with ``resolution``, how many images
+        are smaller than it (they are upscaled, which blurs them)."""
+        folders = len({item.folder for item in self.items})
+        text = (f"dataset {self.root}: {self.num_images} images in {folders} folder(s), "
+                f"{self.samples_per_epoch} samples per epoch; {len(self.skipped)} file(s) skipped")
+        if self.skipped:
+            text += " (listed above)"
+        small = [item for item in self.items if 0 < min(item.size) < resolution]
+        if small:
+            worst = min(small, key=lambda item: min(item.size))
+            text += (f"; {len(small)} image(s) are smaller than {resolution} px on the short side and will be "
+                     f"upscaled (smallest: {worst.path.name}, {worst.size[0]}x{worst.size[1]})")
+        return text
 
     def folder_summary(self) -> dict[str, dict[str, int]]:
         """Per folder: ``{"10_sks": {"n_repeats": 10, "img_count": 6}}`` (kohya's ``ss_dataset_dirs``)."""
@@ -91,10 +110,12 @@ def scan_dataset(
     instance_prompt: str = "",
     default_repeats: int = 1,
     strict: bool = False,
+    min_side: int = MIN_SIDE,
 ) -> DatasetIndex:
     """Find the images and captions under ``root`` (layout in the module docstring).
 
-    Unreadable images go to ``index.skipped``; with ``strict=True`` they are instead reported together in
+    Unreadable images, and images whose shorter side is below ``min_side`` pixels (a 1x1 file teaches
+    nothing), go to ``index.skipped``; with ``strict=True`` they are instead reported together in
     one :class:`DataError`. Caption problems (invalid UTF-8, a broken ``metadata.jsonl``, an image with
     no caption when ``instance_prompt`` is empty) are always errors, all reported together. A missing
     folder, a ``0_name`` folder, or a folder with no usable image is a :class:`DataError` too.
@@ -115,14 +136,19 @@ def scan_dataset(
         metadata = root_metadata if folder == root else _read_metadata(folder, problems)
         for path in image_files(folder):
             try:
-                load_image(path)
+                size = load_image(path).size
             except ImageLoadError as exc:
                 index.skipped.append((path, exc.reason))
+                continue
+            if min(size) < min_side:
+                index.skipped.append(
+                    (path, f"too small ({size[0]}x{size[1]} px; at least {min_side} px on the short side)")
+                )
                 continue
             found = _find_caption(path, root, metadata, root_metadata, instance_prompt, problems)
             if found is not None:
                 caption, source = found
-                index.items.append(DataItem(path, caption, repeats, name, source))
+                index.items.append(DataItem(path, caption, repeats, name, source, size))
 
     if strict and index.skipped:
         problems.extend(f"{path}: unreadable image: {reason}" for path, reason in index.skipped)

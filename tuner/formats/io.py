@@ -353,7 +353,8 @@ def _check_entry(
     begin, end = offsets
     if end > data_len:
         raise FormatError(
-            f"{where} lies outside the file: data_offsets {offsets} but only {data_len} data bytes"
+            f"{where} lies outside the file: data_offsets {offsets} but only {data_len} data bytes (the file "
+            "is truncated, e.g. by an interrupted download or copy, or its header is wrong)"
         )
     numel = 1
     for d in shape:

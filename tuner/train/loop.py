@@ -233,18 +233,22 @@ def restore(run: Run, checkpoint: Path, log=print) -> None:
     """
     import tomllib
 
+    from tuner.config.load import recipe_to_toml
+    from tuner.config.schema import Recipe
     from tuner.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     if state.recipe_toml:
         saved = tomllib.loads(state.recipe_toml)
         current = tomllib.loads(run.recipe_toml)
+        # keys added to the schema after a checkpoint was made count as their defaults
+        defaults = tomllib.loads(recipe_to_toml(Recipe()))
         differ = [
             f"{table}.{key}: checkpoint {saved[table].get(key)!r}, now {value!r}"
             for table in ("model", "adapter", "embedding", "prior", "data")
             if table in saved  # tables added after a checkpoint was made are not compared
             for key, value in current[table].items()
-            if saved.get(table, {}).get(key) != value and key not in ("strict", "path")
+            if saved[table].get(key, defaults[table].get(key)) != value and key not in ("strict", "path")
         ]
         if differ:
             raise TunerError(

@@ -198,7 +198,14 @@ def build_class_dataset(recipe: Recipe, base: BaseModel, resolution: int, device
     index = scan_dataset(folder, strict=recipe.data.strict)
     for path, reason in index.skipped:
         log(f"skipped class image {path}: {reason}")
-    return TrainDataset(index, resolution=resolution, center_crop=True, flip=recipe.data.flip, seed=recipe.train.seed + 1)
+    return TrainDataset(index, resolution=resolution, center_crop=True, flip=recipe.data.flip, seed=recipe.train.seed + 1,
+                        background=background(recipe))
+
+
+def background(recipe: Recipe) -> tuple[int, int, int]:
+    """``data.alpha_background`` as the RGB triple the data layer takes."""
+    r, g, b = recipe.data.alpha_background
+    return (r, g, b)
 
 
 def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel | None = None, log=print) -> Run:
@@ -230,6 +237,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         raise TunerError(
             f"data.resolution = {resolution} must be a multiple of {base.vae_scale_factor} for this base"
         )
+    log(index.summary(resolution))
     dataset = TrainDataset(
         index,
         resolution=resolution,
@@ -239,6 +247,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         shuffle_tags=recipe.data.shuffle_tags,
         keep_tags=recipe.data.keep_tags,
         seed=recipe.train.seed,
+        background=background(recipe),
     )
     device = pick_device(recipe.train.device)
     class_dataset = build_class_dataset(recipe, base, resolution, device, log) if recipe.prior.enabled else None

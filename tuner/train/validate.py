@@ -35,6 +35,7 @@ class Validation:
 def validate_recipe(recipe: Recipe) -> Validation:
     """Check a type-correct recipe against the disk and this machine; never loads a model."""
     v = Validation()
+    family = None
     try:
         family = check_base_spec(recipe.model.base)
         v.notes.append(f"base: {recipe.model.base} (family {family.name}, {family.resolution} px)")
@@ -55,6 +56,8 @@ def validate_recipe(recipe: Recipe) -> Validation:
     if index is not None:
         for path, reason in index.skipped:
             v.notes.append(f"will skip {path}: {reason}")
+        resolution = recipe.data.resolution or (family.resolution if family is not None else 0)
+        v.notes.append(index.summary(resolution))
         v.arithmetic = StepArithmetic(
             images=index.num_images, samples_per_epoch=index.samples_per_epoch, batch_size=recipe.train.batch_size,
             accumulation=recipe.train.gradient_accumulation, steps=recipe.train.steps,
