@@ -184,7 +184,8 @@ def test_pivotal_writes_lora_embeddings_and_an_a1111_bundle(zz_circles, tmp_path
     result = train(run, **QUIET)
     assert not torch.equal(run.trained["embedding"].vectors("<zz>"), start), "the token vectors should train"
     names = sorted(p.name for p in result.outputs)
-    assert names == ["t.bundle.safetensors", "t.safetensors", "t.toml", "zz.diffusers.safetensors", "zz.safetensors"]
+    assert names == ["README.md", "t.bundle.safetensors", "t.safetensors", "t.toml", "zz.diffusers.safetensors",
+                     "zz.safetensors"]
     lora, meta = read_safetensors(tmp_path / "t.safetensors")
     bundle, _ = read_safetensors(tmp_path / "t.bundle.safetensors")
     assert set(bundle) - set(lora) == {"bundle_emb.<zz>.string_to_param.*"}

@@ -61,7 +61,7 @@ def test_export_reimports_identical_tensors(trained_run):
     for key, mod in expected.items():
         assert torch.equal(loaded.modules[key].down, mod.down) and torch.equal(loaded.modules[key].up, mod.up)
         assert loaded.modules[key].alpha == mod.alpha
-    assert [p.name for p in result.outputs] == ["t.safetensors", "t.peft.safetensors", "t.toml"]
+    assert [p.name for p in result.outputs] == ["t.safetensors", "t.peft.safetensors", "t.toml", "README.md"]
     peft = load_lora(result.outputs[1])
     for key, mod in expected.items():
         torch.testing.assert_close(peft.modules[key].delta(mod.up.shape[:1] + mod.down.shape[1:]),

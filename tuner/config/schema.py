@@ -174,6 +174,8 @@ class OutputConfig:
     """DreamBooth: write the fine-tuned model as a diffusers folder ``model/`` or as one ``model.safetensors``
     in the original LDM layout that A1111 and ComfyUI load (SD1.x)."""
     trigger_words: list[str] = field(default_factory=list)
+    license: str = ""
+    """Licence id for the model card (``README.md`` beside the adapter), e.g. ``"mit"``; "" = the base's."""
 
 
 @dataclass

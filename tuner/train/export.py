@@ -17,6 +17,7 @@ from tuner.formats.metadata import build_lora_metadata
 from tuner.formats.peft import to_peft_state_dict
 from tuner.sample.png import save_png
 from tuner.sample.sampler import SampleSettings, grid, sample_images
+from tuner.train.card import CardFacts, write_card
 from tuner.train.setup import Run
 
 
@@ -73,8 +74,9 @@ def training_metadata(run: Run) -> dict[str, str]:
 
 
 def export_adapter(run: Run) -> list[Path]:
-    """Write what the run's method saves (``Method.saves``) and ``<name>.toml`` (the resolved recipe) into
-    the output folder; returns the written paths. Every file is written to a temporary name and renamed."""
+    """Write what the run's method saves (``Method.saves``), ``<name>.toml`` (the resolved recipe) and the
+    model card ``README.md`` into the output folder; returns the written paths. Every file is written to a
+    temporary name and renamed."""
     out = run.out_dir
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -83,7 +85,48 @@ def export_adapter(run: Run) -> list[Path]:
     recipe_path = out / f"{run.recipe.output.name}.toml"
     write_bytes_atomic(recipe_path, run.recipe_toml.encode("utf-8"))
     paths.append(recipe_path)
+    paths.append(write_card(card_facts(run, paths), out))
     return paths
+
+
+def card_facts(run: Run, files: list[Path]) -> CardFacts:
+    """What the model card says about this run (see :mod:`tuner.train.card`)."""
+    r, a = run.recipe, run.adapter
+    settings = {"method": run.method.name}
+    if run.method.name != "textual_inversion":
+        settings["targets"] = a.targets
+        settings["rank / alpha"] = f"{a.rank} / {a.alpha:g}"
+        settings["text encoder trained"] = str(a.train_text_encoder).lower()
+    if a.tokens:
+        settings["tokens (vectors)"] = ", ".join(f"{t} ({a.vectors})" for t in a.tokens)
+    lr = f"{r.optim.learning_rate:g}" + (f", text encoder {r.optim.text_encoder_lr:g}" if r.optim.text_encoder_lr else "")
+    settings.update({
+        "steps": str(len(run.history["loss"])),
+        "batch x accumulation": f"{r.train.batch_size} x {r.train.gradient_accumulation}",
+        "learning rate": lr,
+        "optimizer, schedule": f"{r.optim.optimizer}, {r.optim.schedule} (warm-up {r.optim.warmup_steps})",
+        "resolution": str(r.data.resolution or run.base.family.resolution),
+        "images (samples per epoch)": f"{run.index.num_images} ({run.index.samples_per_epoch})",
+        "epochs": f"{run.arithmetic.epochs:.2f}",
+        "mixed precision, saved as": f"{r.train.mixed_precision}, {r.output.save_dtype}",
+        "seed": str(r.train.seed),
+    })
+    if r.prior.enabled:
+        settings["prior preservation"] = f"{r.prior.num_images} class images, loss weight {r.prior.loss_weight:g}"
+    if r.train.ema_decay:
+        settings["EMA decay"] = f"{r.train.ema_decay:g}"
+    if r.train.min_snr_gamma:
+        settings["min-SNR gamma"] = f"{r.train.min_snr_gamma:g}"
+    if r.train.noise_offset:
+        settings["noise offset"] = f"{r.train.noise_offset:g}"
+    previews = sorted((run.out_dir / "previews").glob("step_*.png"))[-3:]
+    samples = [(f"{' | '.join(r.preview.prompts)} (step {int(p.stem[5:])})", p) for p in previews]
+    return CardFacts(
+        name=r.output.name, method=run.method.name, family=run.base.family.name,
+        family_description=run.base.family.description, base=r.model.base, trigger_words=trigger_words(run),
+        instance_prompt=r.data.instance_prompt, license=r.output.license, settings=settings, files=files,
+        samples=samples, recipe_path=run.recipe_path,
+    )
 
 
 def trigger_words(run: Run) -> list[str]:
