@@ -135,6 +135,9 @@ class TrainConfig:
     """Exponential moving average of the trained weights (e.g. 0.999), used for previews and export; 0 = off."""
     ema_on_cpu: bool = False
     """Keep the EMA copy in CPU memory instead of on the training device."""
+    log_with: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also log loss, learning rate, gradient norm and previews to TensorBoard (``<output>/logs/tensorboard``)
+    or Weights & Biases (offline unless configured); each needs its package installed."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tuner.adapters.lora import trainable_state
+from tuner.config.load import recipe_to_dict
 from tuner.errors import TunerError
 from tuner.train.batches import batch_at, cache_latent_moments, latents_for, prompt_embeds_for
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
 from tuner.train.export import export_adapter, write_preview
 from tuner.train.objective import add_noise, diffusion_loss, target_for
 from tuner.train.setup import Run
+from tuner.train.tracking import Tracker, open_tracker
 
 
 @dataclass
@@ -155,7 +158,7 @@ def train(run: Run, log=print) -> TrainResult:
     # fp16's gradient scaler skips steps with overflowing gradients itself: only the loss is ours to check
     check_grads = run.recipe.train.mixed_precision != "fp16"
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _tracker(run) as tracker:
         while step < cfg.steps:
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
             torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout uses the global generator
@@ -181,6 +184,7 @@ def train(run: Run, log=print) -> TrainResult:
             lr = run.lr_scheduler.get_last_lr()[0]
             run.history["loss"].append(loss_sum)
             run.history["lr"].append(lr)
+            tracker.scalars(step, {"loss": loss_sum, "lr": lr, "grad_norm": norm})
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
             bar.update()
             if bad >= cfg.max_bad_steps:
@@ -195,7 +199,7 @@ def train(run: Run, log=print) -> TrainResult:
                 )
             if preview.every and step % preview.every == 0:
                 with averaged(run):
-                    write_preview(run, step)
+                    tracker.image(step, "preview", write_preview(run, step))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad:
                 save(run, step)  # never during a run of skipped steps: the last good checkpoint stays newest
     bar.close()
@@ -205,6 +209,17 @@ def train(run: Run, log=print) -> TrainResult:
     seconds = time.perf_counter() - started
     final = sum(run.history["loss"][-10:]) / max(1, len(run.history["loss"][-10:]))
     return TrainResult(outputs=outputs, final_loss=final, seconds=seconds, steps=step)
+
+
+@contextlib.contextmanager
+def _tracker(run: Run) -> Iterator[Tracker]:
+    """The run's experiment tracker (``train.log_with``), closed (flushed) however training ends."""
+    tracker = open_tracker(run.recipe.train.log_with, run.out_dir, name=run.recipe.output.name,
+                           recipe_toml=run.recipe_toml, config=recipe_to_dict(run.recipe))
+    try:
+        yield tracker
+    finally:
+        tracker.close()
 
 
 def _bad_steps_message(run: Run, step: int, bad: int) -> str:

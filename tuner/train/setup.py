@@ -23,6 +23,7 @@ from tuner.models.base import BaseModel, load_base
 from tuner.optim.optimizers import build_optimizer, build_schedule
 from tuner.train.ema import Ema
 from tuner.train.methods import METHODS, AdapterSettings, Method
+from tuner.train.tracking import missing_package
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,9 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     if not recipe.data.path:
         raise TunerError("no training data: set data.path in the recipe or pass --data FOLDER")
     check_output_folders(recipe)
+    problem = missing_package(recipe.train.log_with)
+    if problem:
+        raise TunerError(problem)
     index = scan_dataset(
         recipe.data.path,
         instance_prompt=recipe.data.instance_prompt,

@@ -23,6 +23,7 @@ from tuner.train.setup import (
     output_folder_problems,
     pick_device,
 )
+from tuner.train.tracking import missing_package
 
 
 @dataclass
@@ -75,6 +76,9 @@ def validate_recipe(recipe: Recipe) -> Validation:
         if missing and not recipe.prior.class_prompts:
             v.problems.append(f"prior.class_prompts: empty, and '{folder}' lacks {missing} class images")
     v.problems += output_folder_problems(recipe)
+    tracker_problem = missing_package(recipe.train.log_with)
+    if tracker_problem:
+        v.problems.append(tracker_problem)
     if recipe.optim.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         v.problems.append("optim.optimizer = 'adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, or "
                           "set optim.optimizer = \"adamw\"")
