@@ -73,10 +73,11 @@ def test_sigint_saves_a_checkpoint_and_the_resumed_run_ends_identical(circles, t
     monkeypatch.setattr(loop, "compute_loss", interrupt)
     recipe = small_recipe(circles, tmp_path / "cut", train__steps=5, output__save_dtype="fp32")
     run = setup_run(recipe, **QUIET)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / `cmd &`
     with pytest.raises(loop.TrainingStopped, match=r"SIGINT at step 3/5") as err:
         loop.train(run, **QUIET)
     assert err.value.exit_code == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
     monkeypatch.setattr(loop, "compute_loss", real)
     resumed = setup_run(small_recipe(circles, tmp_path / "cut", train__steps=5, output__save_dtype="fp32"), **QUIET)
     loop.restore(resumed, tmp_path / "cut" / "checkpoints" / "step_000003", **QUIET)

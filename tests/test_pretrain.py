@@ -32,7 +32,34 @@ def test_pretrain_command_smoke(tmp_path, monkeypatch):
     real = pretrain.pretrain_scenes
     monkeypatch.setattr(pretrain, "pretrain_scenes", lambda: real()[::150])
     code = main(["pretrain-tiny", "--out", str(tmp_path), "--steps", "2", "--vae-steps", "2", "--batch-size", "2",
-                 "--eval-n", "2"])
+                 "--decoder-steps", "2", "--eval-n", "2"])
     assert code == 0
     card = (tmp_path / "final" / "MODEL_CARD.md").read_text()
     assert "seen prompts (n = 2)" in card and "held-out pairs (n = 8)" in card and "pretrain-tiny" in card
+
+
+def test_decoder_stage_keeps_the_latent_space(tmp_path):
+    """Stage 3 trains the decoder only: the encoder (whose latents the UNet learned) stays bit-identical."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    settings = PretrainSettings(vae_steps=2, vae_batch=2, steps=1, batch=2, decoder_steps=2, decoder_batch=4,
+                                checkpoint_every=1, scene_limit=16)
+    final = pretrain_tiny(tmp_path, settings, log=lambda *_: None)
+    assert final is not None and (tmp_path / "decoder_state.pt").exists()
+    before = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    after = AutoencoderKL.from_pretrained(final / "vae")
+    for name, tensor in before.state_dict().items():
+        same = torch.equal(tensor, after.state_dict()[name])
+        assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
+
+
+def test_codec_augment_draws_world_geometry_in_free_colours():
+    import numpy as np
+
+    from tuner.tiny.pretrain import codec_augment
+
+    x = codec_augment(np.random.default_rng(0), 8)
+    assert x.shape == (8, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    pixels = ((x.permute(0, 2, 3, 1).reshape(-1, 3) + 1) * 127.5).round().unique(dim=0)
+    assert len(pixels) > 16  # not the eight palette colours

@@ -282,7 +282,7 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
     settings = PretrainSettings(
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch_size,
-        time_limit_min=args.time_limit, share_cpu=args.share_cpu,
+        decoder_steps=args.decoder_steps, time_limit_min=args.time_limit, share_cpu=args.share_cpu,
     )
     started = time.perf_counter()
     final = pretrain_tiny(args.out, settings)
@@ -294,7 +294,7 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     evaluate_and_install(
         final, settings=asdict(settings), minutes=wall_minutes(args.out) or (time.perf_counter() - started) / 60,
         command=(f"tuner pretrain-tiny --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} "
-                 f"--batch-size {args.batch_size} --seed {args.seed}" + (" --install" if args.install else "")),
+                 f"--decoder-steps {args.decoder_steps} --batch-size {args.batch_size} --seed {args.seed}" + (" --install" if args.install else "")),
         assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
     )
     return 0
@@ -442,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pretrain-tiny", help="work folder (checkpoints; rerun to resume)")
     p.add_argument("--steps", type=int, default=5000, help="UNet + text encoder steps (about 1.4 s each on 2 cores)")
     p.add_argument("--vae-steps", type=int, default=1200, help="VAE steps (first stage, about 1 s each)")
+    p.add_argument("--decoder-steps", type=int, default=2000,
+                   help="third stage: fine-tune the VAE decoder alone on the frozen encoder's latents "
+                        "(sharper small shapes; the UNet stays valid); 0 skips it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MIN",

@@ -35,6 +35,7 @@ from tuner.tiny import world
 
 STATE_VAE = "vae_state.pt"
 STATE_UNET = "unet_state.pt"
+STATE_DECODER = "decoder_state.pt"
 
 
 @dataclass
@@ -52,6 +53,11 @@ class PretrainSettings:
     """0 = plain v-prediction loss. Min-SNR weights the noisiest steps (where layout is decided) near zero."""
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    decoder_steps: int = 0
+    """Stage 3: fine-tune the VAE decoder alone on the frozen encoder's latents (the UNet's latent space does
+    not change, so the denoiser stays valid); sharpens small shapes. 0 = skip."""
+    decoder_batch: int = 32
+    decoder_lr: float = 5e-4
     checkpoint_every: int = 250
     share_cpu: bool = False
     """Drop to one torch thread whenever another process is running (see :func:`fair_threads`)."""
@@ -284,6 +290,111 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     return ema_unet.eval(), ema_te.eval(), history
 
 
+def codec_augment(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """``n`` images of the world's geometry in arbitrary colours, ``[n, 3, 64, 64]`` in [-1, 1].
+
+    The decoder stage trains on these beside the world's own scenes so that the VAE is a general codec
+    and not a quantiser to the eight palette colours: a decoder that only ever saw the palette snaps a
+    colour it never saw (``<pink>``) to the nearest palette entry, whatever the UNet learns. Each image:
+    one of the world's shapes (never the personalization concepts) at a random size and centre, random
+    foreground and background colours at least 80 apart, and with probability 0.5 a second, smaller random
+    shape in a third colour drawn over it (nested colour regions). The denoiser never sees these images.
+    """
+    out = np.empty((n, world.CANVAS, world.CANVAS, 3), dtype=np.float32)
+
+    def colour(avoid: list[np.ndarray]) -> np.ndarray:
+        while True:
+            c = rng.uniform(0, 255, 3)
+            if all(np.linalg.norm(c - a) >= 80 for a in avoid):
+                return c
+
+    for i in range(n):
+        bg = colour([])
+        fg = colour([bg])
+        img = np.broadcast_to(bg, out.shape[1:]).copy()
+        size = int(rng.integers(12, 41))
+        cx, cy = int(rng.integers(14, 51)), int(rng.integers(20, 45))
+        img[world.shape_mask(str(rng.choice(world.SHAPES)), size, cx, cy)] = fg
+        if rng.random() < 0.5:
+            third = colour([bg, fg])
+            small = int(rng.integers(4, max(5, size // 2)))
+            ox, oy = cx + int(rng.integers(-size // 3, size // 3 + 1)), cy + int(rng.integers(-size // 3, size // 3 + 1))
+            img[world.shape_mask(str(rng.choice(world.SHAPES)), small, ox, oy)] = third
+        out[i] = img
+    return torch.from_numpy(out / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+
+
+def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], vae, clock: _Clock, log=print):
+    """Stage 3: train only ``vae.decoder`` (and ``post_quant_conv``) on latents drawn from the frozen encoder.
+
+    The encoder, and so the latent space the UNet was trained in, is untouched: this is the same move as
+    Stable Diffusion's fine-tuned-decoder VAEs. Returns the VAE, or None when the time limit paused it.
+    """
+    done = out / "decoder"
+    if (done / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(done, local_files_only=True)
+    vae = copy.deepcopy(vae)
+    vae.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=s.decoder_lr, weight_decay=0.0)
+    rng = np.random.default_rng(s.seed + 3)
+    step = 0
+    state = _load(out / STATE_DECODER)
+    if state:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        step = state["step"]
+        log(f"decoder: resumed at step {step}")
+    with torch.no_grad():
+        pixels = _pixels(scenes)
+        moments = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
+        mean = torch.cat([d.mean for d in moments])
+        std = torch.cat([d.std for d in moments])
+    gen = torch.Generator().manual_seed(s.seed + 4 + step)
+    vae.decoder.train()
+    bar = tqdm(total=s.decoder_steps, initial=step, desc="decoder", unit="step", dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    while step < s.decoder_steps:
+        if s.share_cpu and step % 5 == 0:
+            fair_threads(threads)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, s.decoder_lr, 50, s.decoder_steps)
+        n_world = s.decoder_batch // 2
+        idx = torch.from_numpy(rng.integers(0, len(pixels), n_world))
+        extra = codec_augment(rng, s.decoder_batch - n_world)
+        with torch.no_grad():
+            dist = vae.encode(extra).latent_dist
+        z_mean, z_std = torch.cat([mean[idx], dist.mean]), torch.cat([std[idx], dist.std])
+        z = z_mean + z_std * torch.randn(z_mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        x = torch.cat([pixels[idx], extra])
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        step += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
+        if step % s.checkpoint_every == 0 or step == s.decoder_steps or clock.out():
+            _save(out / STATE_DECODER, {"model": vae.state_dict(), "optimizer": opt.state_dict(),
+                                        "rng": rng.bit_generator.state, "step": step})
+            if clock.out() and step < s.decoder_steps:
+                bar.close()
+                log(f"decoder: time limit reached at step {step}; run again to continue")
+                return None
+    bar.close()
+    vae.requires_grad_(False).eval()
+    vae.save_pretrained(done)
+    log(f"decoder: done after {step} steps (last loss {loss.item():.4f})")
+    return vae
+
+
 def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log=print) -> Path | None:
     """Run (or continue) both stages into ``out``; returns the diffusers folder ``out/final`` when done,
     None when the time limit paused it (run again with the same ``out`` to continue)."""
@@ -311,6 +422,11 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
         add_wall_minutes(out, (time.perf_counter() - started) / 60)
         return None
     unet, te, history = result
+    if s.decoder_steps > 0:
+        vae = finetune_decoder(out, s, scenes, vae, clock, log)
+        if vae is None:
+            add_wall_minutes(out, (time.perf_counter() - started) / 60)
+            return None
     final = out / "final"
     if final.exists():
         import shutil
