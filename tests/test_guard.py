@@ -43,6 +43,8 @@ def test_non_finite_steps_are_skipped_then_training_stops(circles, tmp_path, mon
     for name, p in ((f"{c}.{n}", p) for c, m in run.trained.items() for n, p in m.named_parameters() if p.requires_grad):
         assert torch.equal(saved[name], p.detach().cpu()), name
     assert not (tmp_path / "checkpoints" / "step_000004").exists()
+    page = (tmp_path / "report.html").read_text()  # the run report says why it stopped
+    assert "stopped at step 5: 3 non-finite steps in a row" in page and "3 non-finite not drawn" in page
 
 
 def test_a_single_bad_step_changes_nothing_and_training_goes_on(circles, tmp_path, monkeypatch):
@@ -78,9 +80,12 @@ def test_sigint_saves_a_checkpoint_and_the_resumed_run_ends_identical(circles, t
         loop.train(run, **QUIET)
     assert err.value.exit_code == 130
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+    assert "stopped at step 3 by SIGINT" in (tmp_path / "cut" / "report.html").read_text()
     monkeypatch.setattr(loop, "compute_loss", real)
     resumed = setup_run(small_recipe(circles, tmp_path / "cut", train__steps=5, output__save_dtype="fp32"), **QUIET)
     loop.restore(resumed, tmp_path / "cut" / "checkpoints" / "step_000003", **QUIET)
     loop.train(resumed, **QUIET)
     expected, got = ups(full), ups(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    page = (tmp_path / "cut" / "report.html").read_text()
+    assert "finished: 5 steps" in page and "for 2 steps" in page and "resumed at step 3" in page

@@ -49,6 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done: {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}")
     for path in result.outputs:
         print(f"wrote {path}")
+    if result.report is not None:
+        print(f"report: {result.report} (open it in a browser)")
     return 0
 
 

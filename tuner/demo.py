@@ -72,11 +72,11 @@ def run_demo(
     preservation on ``class_images`` images of `a star on a {bg} background`, drawn by the base first.
     """
     from tuner.models.base import load_base
-    from tuner.report import write_report
     from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
     from tuner.tiny.evaluate import compare, eval_prior, eval_subject
     from tuner.tiny.world import write_personalization_sets
     from tuner.train.loop import train
+    from tuner.train.run_report import write_run_report
     from tuner.train.setup import setup_run
 
     started = time.perf_counter()
@@ -103,29 +103,19 @@ def run_demo(
     evals: dict[str, str] = {}
     if eval_seeds:
         subject = eval_subject(tuned, seeds=eval_seeds, settings=settings)
-        prior = compare(eval_prior(plain, seeds=eval_seeds, settings=settings),
+        drift = compare(eval_prior(plain, seeds=eval_seeds, settings=settings),
                         eval_prior(tuned, seeds=eval_seeds, settings=settings))
         evals = {"subject (with the LoRA)": subject.format_table(),
-                 "prior: 'a star on a {bg} background' without / with the LoRA": prior.format_table()}
+                 "prior: 'a star on a {bg} background' without / with the LoRA": drift.format_table()}
         for name, table in evals.items():
             log(f"\n{name}\n{table}")
-    previews = sorted((run.out_dir / "previews").glob("step_*.png"))
-    report = write_report(
-        out / "report.html",
+    report = write_run_report(
+        run, out / "report.html", step=result.steps, seconds=result.seconds, status=f"finished: {result.steps} steps",
         title="tuner demo: sks star subject LoRA on the embedded tiny base",
-        history=run.history,
-        images=[("before (top) / after (bottom): " + " | ".join(DEMO_PROMPTS), grid_path)]
-        + [(f"preview at {p.stem.replace('_', ' ')}: " + " | ".join(recipe.preview.prompts), p) for p in previews],
-        recipe_toml=run.recipe_toml,
-        facts={
-            "base": "tiny (random stand-in)" if run.base.is_random else "tiny (pretrained)",
-            "data": f"{run.index.num_images} images, {run.arithmetic.describe()}",
-            "training time": f"{result.seconds:.0f} s, final loss {result.final_loss:.4f}",
-            "LoRA file": str(lora_path),
-            "prior preservation": (f"{len(run.class_dataset)} class images in {recipe.prior.class_dir}"
-                                   if run.class_dataset is not None else "off"),
-        },
+        images=[("before (top) / after (bottom): " + " | ".join(DEMO_PROMPTS), grid_path)],
         evals=evals,
+        facts={"LoRA file": str(lora_path),
+               "class images": str(recipe.prior.class_dir) if run.class_dataset is not None else "none"},
     )
     files = {"lora": lora_path, "before_after": grid_path, "report": report, "previews": run.out_dir / "previews",
              "checkpoints": run.out_dir / "checkpoints", "data": data_root / "sks_star"}

@@ -7,6 +7,7 @@ global RNG, so that an example can be rebuilt exactly from its seed (see ``datas
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -90,4 +91,18 @@ def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for caption in captions:
         counts.update(split_tags(caption.lower()))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# Words too common to say anything about a dataset (left out of word counts).
+STOP_WORDS = frozenset("a an and at by for from in into is of on or the to with".split())
+
+
+def word_frequency(captions: Iterable[str]) -> dict[str, int]:
+    """How many captions use each word (lower-cased; split on anything but letters, digits, ``_`` and
+    ``'``; :data:`STOP_WORDS` left out). For sentence captions, where :func:`tag_frequency` sees one tag per
+    caption. Sorted like :func:`tag_frequency`."""
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update({w for w in re.findall(r"[\w']+", caption.lower()) if w not in STOP_WORDS})
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -23,6 +23,7 @@ from tuner.train.batches import batch_at, cache_latent_moments, latents_for, pro
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
 from tuner.train.export import export_adapter, write_preview
 from tuner.train.objective import add_noise, diffusion_loss, target_for
+from tuner.train.run_report import RunReport
 from tuner.train.setup import Run
 from tuner.train.tracking import Tracker, open_tracker
 
@@ -33,6 +34,7 @@ class TrainResult:
     final_loss: float
     seconds: float
     steps: int
+    report: Path | None = None
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -158,6 +160,7 @@ def train(run: Run, log=print) -> TrainResult:
     # fp16's gradient scaler skips steps with overflowing gradients itself: only the loss is ours to check
     check_grads = run.recipe.train.mixed_precision != "fp16"
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    report = RunReport(run, log=bar.write)  # <output.dir>/report.html, rewritten at previews and checkpoints
     with _StopRequest() as stop, _tracker(run) as tracker:
         while step < cfg.steps:
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
@@ -189,10 +192,12 @@ def train(run: Run, log=print) -> TrainResult:
             bar.update()
             if bad >= cfg.max_bad_steps:
                 bar.close()
+                report.write(step, f"stopped at step {step}: {bad} non-finite steps in a row")
                 raise TrainingStopped(_bad_steps_message(run, step, bad))
             if stop.signal is not None:
                 bar.close()
                 path = save(run, step)
+                report.write(step, f"stopped at step {step} by {stop.signal}; resume with --resume latest")
                 raise TrainingStopped(
                     f"{stop.signal} at step {step}/{cfg.steps}: checkpoint saved to '{path}'. Continue with the "
                     "same command plus --resume latest.", exit_code=130,
@@ -200,15 +205,18 @@ def train(run: Run, log=print) -> TrainResult:
             if preview.every and step % preview.every == 0:
                 with averaged(run):
                     tracker.image(step, "preview", write_preview(run, step))
+                report.write(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad:
                 save(run, step)  # never during a run of skipped steps: the last good checkpoint stays newest
+                report.write(step)
     bar.close()
     save(run, step)
     with averaged(run):
         outputs = export_adapter(run)
     seconds = time.perf_counter() - started
     final = sum(run.history["loss"][-10:]) / max(1, len(run.history["loss"][-10:]))
-    return TrainResult(outputs=outputs, final_loss=final, seconds=seconds, steps=step)
+    page = report.write(step, f"finished: {step} steps")
+    return TrainResult(outputs=outputs, final_loss=final, seconds=seconds, steps=step, report=page)
 
 
 @contextlib.contextmanager
