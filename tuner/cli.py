@@ -79,6 +79,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tuner.plan.estimate import GB, fit, format_plan, format_presets, plan_recipe, presets
+    from tuner.plan.skeleton import build_skeleton
+
+    recipe = _recipe_from_args(args)
+    skeleton = build_skeleton(recipe.model.base, args.family)
+    plan = plan_recipe(recipe, skeleton=skeleton)
+    fitted = fit(skeleton, recipe, args.vram) if args.vram else None
+    table = presets(skeleton, recipe) if args.vram else []
+    if args.json:
+        doc = {"plan": plan.to_dict()}
+        if args.vram:
+            doc["vram_gb"], doc["fit"], doc["presets"] = args.vram, fitted.to_dict() if fitted else None, table
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(format_plan(plan))
+    if args.vram:
+        print(f"\n--vram {args.vram:g}: ", end="")
+        if fitted is None:
+            print("nothing tried fits (batch 1, half resolution, every memory setting)")
+        elif fitted.settings == plan.settings:
+            print(f"fits as is ({fitted.device_bytes / GB:.2f} GB predicted)")
+        else:
+            from tuner.plan.estimate import changes
+
+            print(f"fits with {' '.join('--set ' + c for c in changes(plan.settings, fitted.settings))}\n")
+            print(format_plan(fitted))
+        print(f"\npresets (cheapest changes that fit):\n{format_presets(table)}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from tuner.models.base import load_base
     from tuner.sample.generate import (
@@ -339,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe (and its data) without loading any model")
     _add_recipe_options(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="predict a recipe's GPU memory, FLOPs and time before training")
+    _add_recipe_options(p)
+    p.add_argument("--vram", type=float, metavar="GB", help="propose the cheapest settings that fit GB, with presets")
+    p.add_argument("--family", help="plan for this family's architecture (tiny, sd15, sd2, sd2v, sdxl), not the base")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="generate images, optionally with LoRAs")
     p.add_argument("--base", default="tiny", help="'tiny', a local diffusers folder or a single-file checkpoint")

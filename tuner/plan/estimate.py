@@ -1,0 +1,378 @@
+"""Peak accelerator memory of a recipe, by component, with step FLOPs and a time range; and the cheapest
+settings that fit a given amount of memory.
+
+Model of the peak (all in bytes, on the training device):
+
+- frozen weights: every resident weight not trained, at 2 bytes with ``mixed_precision`` fp16/bf16 (frozen
+  weights stored in the training precision), else 4; the VAE counts only without ``cache_latents`` (it
+  leaves the device after caching); the text encoder(s) always (tuner keeps them on the device).
+- trainable weights, gradients: 4 bytes each (fp32 master weights under autocast too).
+- optimizer states: AdamW 8 bytes/param; AdamW8bit 2 bytes/param plus an fp32 absmax per 256-value block
+  and state, tensors under 4096 values at 8 bytes (bitsandbytes' rule); Adafactor one factored second
+  moment (rows + columns) per matrix.
+- EMA: one fp32 copy of the trained tensors unless ``ema_on_cpu``.
+- activations: :mod:`tuner.plan.activations`; prior preservation doubles the batch.
+- workspace: the transient peak on top (gradient buffers, the recomputed block with checkpointing, or a
+  VAE encode without cached latents, whichever is larger).
+
+All of them are taken as live at once, which is an upper bound: in backward, activations are freed while
+gradients appear. The CUDA context and allocator slack are a separate line used only when fitting ``--vram``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tuner.config.schema import Recipe
+from tuner.errors import TunerError
+from tuner.plan.activations import (
+    estimate_unet,
+    text_encoder_activation_bytes,
+    text_encoder_flops,
+    vae_encode_flops,
+    vae_encode_workspace,
+)
+from tuner.plan.skeleton import Skeleton, build_skeleton, lora_tensor_sizes, param_count
+
+MB = 1024**2
+GB = 1024**3
+CUDA_OVERHEAD_BYTES = 600 * MB
+"""CUDA context, cuBLAS/cuDNN handles and workspaces: outside PyTorch's allocator, typically 0.4-0.8 GB."""
+ALLOCATOR_SLACK = 0.08
+"""Fraction of the tensor peak lost to the caching allocator's fragmentation."""
+
+# Reference devices: (name, memory GB, dense peak TFLOPS fp32 without tensor cores, bf16/fp16 tensor cores
+# with fp32 accumulation). Public spec-sheet figures.
+DEVICES = (
+    ("RTX 3060 12GB", 12, 12.7, 25.4),
+    ("RTX 4090 24GB", 24, 82.6, 165.2),
+    ("A100 40GB", 40, 19.5, 312.0),
+    ("H100 SXM 80GB", 80, 67.0, 989.0),
+)
+UTILISATION = (0.25, 0.5)
+"""Fraction of peak FLOPS a diffusion training step reaches (small batches and convs: rarely above half)."""
+
+PRESET_GB = (8, 12, 16, 24)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs that move memory (what ``--vram`` may change)."""
+
+    resolution: int
+    batch_size: int
+    gradient_accumulation: int
+    mixed_precision: str
+    gradient_checkpointing: bool
+    optimizer: str
+    cache_latents: bool
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    family: str
+    method: str
+    settings: Settings
+    batch_on_device: int
+    components: list[Component]
+    trainable_params: int
+    frozen_params: int
+    step_flops: int
+    times: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Predicted peak of tensor memory (what PyTorch's allocator holds at its peak)."""
+        return sum(c.bytes for c in self.components)
+
+    @property
+    def device_bytes(self) -> int:
+        """Tensor peak plus allocator slack and the CUDA context: what must fit on a GPU."""
+        return int(self.total_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_OVERHEAD_BYTES
+
+    def component(self, name: str) -> int:
+        return sum(c.bytes for c in self.components if c.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family, "method": self.method, "settings": asdict(self.settings),
+            "batch_on_device": self.batch_on_device,
+            "components_mb": {c.name: round(c.bytes / MB, 1) for c in self.components},
+            "notes_by_component": {c.name: c.note for c in self.components if c.note},
+            "total_mb": round(self.total_bytes / MB, 1),
+            "with_cuda_overhead_mb": round(self.device_bytes / MB, 1),
+            "trainable_params": self.trainable_params, "frozen_params": self.frozen_params,
+            "step_tflop": round(self.step_flops / 1e12, 3), "times": self.times, "notes": self.notes,
+        }  # fmt: skip
+
+
+def settings_from_recipe(recipe: Recipe, native_resolution: int) -> Settings:
+    t = recipe.train
+    return Settings(
+        resolution=recipe.data.resolution or native_resolution, batch_size=t.batch_size,
+        gradient_accumulation=t.gradient_accumulation, mixed_precision=t.mixed_precision,
+        gradient_checkpointing=t.gradient_checkpointing, optimizer=recipe.optim.optimizer,
+        cache_latents=t.cache_latents,
+    )  # fmt: skip
+
+
+def optimizer_state_bytes(name: str, shapes: list[tuple[int, ...]]) -> int:
+    """State bytes of optimizer ``name`` for parameters of ``shapes``."""
+    total = 0
+    for shape in shapes:
+        n = 1
+        for s in shape:
+            n *= s
+        if name == "adamw":
+            total += 8 * n
+        elif name == "adamw8bit":
+            total += 2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 8 * n
+        elif name == "adafactor":
+            total += 4 * (shape[0] + n // shape[0]) if len(shape) >= 2 else 4 * n
+        else:
+            raise TunerError(f"the planner does not know optimizer {name!r}")
+    return total
+
+
+def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, ...]]], set[str]]:
+    """component -> shapes of its trained tensors, and the components trained in full (whose frozen
+    weights therefore do not count)."""
+    from tuner.adapters.lora import plan_ranks, text_encoder_targets, unet_targets
+
+    a, method = recipe.adapter, recipe.adapter.method
+    te_name, te = next(iter(sk.text_encoders.items()))
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    full: set[str] = set()
+    if method in ("lora", "pivotal"):
+        conv = a.targets == "locon"
+        plan = plan_ranks(sk.unet, unet_targets(sk.unet, a.targets), rank=a.rank, alpha=a.alpha,
+                          conv_rank=a.conv_rank if conv else None, conv_alpha=a.conv_alpha if conv else None)
+        shapes["unet"] = [(n,) for n in lora_tensor_sizes(sk.unet, plan)]
+        if a.train_text_encoder:
+            te_plan = plan_ranks(te, text_encoder_targets(te), rank=a.text_encoder_rank or a.rank,
+                                 alpha=a.text_encoder_alpha or a.alpha)
+            shapes[te_name] = [(n,) for n in lora_tensor_sizes(te, te_plan)]
+    if method == "dreambooth":
+        full.add("unet")
+        shapes["unet"] = [tuple(p.shape) for p in sk.unet.parameters()]
+        if a.train_text_encoder:
+            full.add(te_name)
+            shapes[te_name] = [tuple(p.shape) for p in te.parameters()]
+    if method in ("textual_inversion", "pivotal"):
+        rows = max(1, len(recipe.embedding.tokens)) * recipe.embedding.vectors
+        shapes["embedding"] = [(rows, te.config.hidden_size)]
+    return shapes, full
+
+
+def _count(shapes: list[tuple[int, ...]]) -> int:
+    total = 0
+    for shape in shapes:
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def unet_trained(recipe: Recipe) -> str:
+    """What trains in the UNet, in :meth:`tuner.plan.activations.Saving.for_training`'s words."""
+    method = recipe.adapter.method
+    return {"dreambooth": "all", "textual_inversion": "none"}.get(method, recipe.adapter.targets)
+
+
+def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings) -> Plan:
+    """The memory plan of ``recipe`` with ``settings`` (which override the recipe's own knobs)."""
+    s, t, method = settings, recipe.train, recipe.adapter.method
+    if s.resolution % sk.vae_scale_factor:
+        raise TunerError(f"resolution {s.resolution} must be a multiple of {sk.vae_scale_factor} for this base")
+    half = s.mixed_precision in ("fp16", "bf16")
+    frozen_b, act_b = (2, 2) if half else (4, 4)
+    batch = s.batch_size * (2 if recipe.prior.enabled else 1)
+    shapes, full = _trainable(sk, recipe)
+    trainable = sum(_count(v) for v in shapes.values())
+
+    resident = {"unet": sk.unet, **sk.text_encoders}
+    if not s.cache_latents:
+        resident["vae"] = sk.vae
+    frozen = sum(param_count(m) for name, m in resident.items() if name not in full)
+    components = [
+        Component("frozen weights", frozen * frozen_b,
+                  f"{frozen / 1e6:,.1f}M params ({', '.join(n for n in resident if n not in full)}) "
+                  f"at {frozen_b} bytes"),
+        Component("trainable weights", trainable * 4, f"{trainable / 1e6:,.2f}M params, fp32"),
+        Component("gradients", trainable * 4, "fp32"),
+        Component("optimizer states", optimizer_state_bytes(s.optimizer, [sh for v in shapes.values() for sh in v]),
+                  s.optimizer),
+    ]
+    if t.ema_decay > 0 and not t.ema_on_cpu:
+        components.append(Component("EMA copy", trainable * 4, "fp32, train.ema_on_cpu = false"))
+
+    lat = s.resolution // sk.vae_scale_factor
+    unet_act = estimate_unet(sk.unet, height=lat, width=lat, context=sk.context_tokens, batch=batch,
+                             act_bytes=act_b, checkpointing=s.gradient_checkpointing, trained=unet_trained(recipe))
+    te_name, te = next(iter(sk.text_encoders.items()))
+    te_in_graph = method in ("textual_inversion", "pivotal") or recipe.adapter.train_text_encoder
+    act = unet_act.saved_bytes
+    note = f"UNet at {lat}x{lat} latents, batch {batch}" + (", checkpointed" if s.gradient_checkpointing else "")
+    if te_in_graph:
+        act += text_encoder_activation_bytes(te, sk.context_tokens, batch, act_b)
+        note += " + text encoder"
+    components.append(Component("activations", act, note))
+    workspace, ws_note = unet_act.workspace_bytes, f"gradient buffers; recomputed block {unet_act.largest_unit}"
+    if not s.cache_latents:
+        vae_ws = vae_encode_workspace(sk.vae, s.resolution, s.resolution, batch, frozen_b)
+        if vae_ws - act > workspace:
+            workspace, ws_note = vae_ws - act, "VAE encode of the batch (latents not cached)"
+    components.append(Component("workspace", workspace, ws_note))
+
+    flops = 3 * unet_act.forward_flops + (unet_act.forward_flops if s.gradient_checkpointing else 0)
+    flops += text_encoder_flops(te, sk.context_tokens, batch) * (3 if te_in_graph else 1)
+    if not s.cache_latents:
+        flops += vae_encode_flops(sk.vae, s.resolution, s.resolution, batch)
+    flops *= s.gradient_accumulation
+    plan = Plan(family=sk.family.name, method=method, settings=s, batch_on_device=batch, components=components,
+                trainable_params=trainable, frozen_params=frozen, step_flops=flops, times=_times(flops, half))
+    if half:
+        plan.notes.append("frozen weights are counted in the training precision (2 bytes); a run that keeps "
+                          "them in fp32 under autocast needs 2 more bytes per frozen parameter")
+    return plan
+
+
+def _times(flops: int, half: bool) -> list[dict[str, Any]]:
+    rows = []
+    for name, mem_gb, fp32, tensor in DEVICES:
+        peak = (tensor if half else fp32) * 1e12
+        lo, hi = flops / (peak * UTILISATION[1]), flops / (peak * UTILISATION[0])
+        rows.append({"device": name, "memory_gb": mem_gb, "seconds_min": round(lo, 4), "seconds_max": round(hi, 4)})
+    return rows
+
+
+def plan_recipe(recipe: Recipe, *, family: str | None = None, skeleton: Skeleton | None = None) -> Plan:
+    """Predict the peak memory of training ``recipe`` (no weight is loaded). ``family``: plan for that
+    family's architecture instead of ``recipe.model.base`` (e.g. ``sdxl``)."""
+    sk = skeleton or build_skeleton(recipe.model.base, family)
+    return plan_for(sk, recipe, settings_from_recipe(recipe, sk.family.resolution))
+
+
+# --- fitting a memory budget ------------------------------------------------------------------------------
+
+# (what changes, cost): cheap first. Costs reflect speed and quality, not memory.
+_COST = {"cache_latents": 0, "mixed_precision": 1, "optimizer": 2, "gradient_checkpointing": 4}
+
+
+def candidates(recipe: Recipe, base: Settings, native: int, optimizers: tuple[str, ...]) -> list[tuple[int, Settings]]:
+    """Every settings variant worth trying, with its cost (0 = the recipe as is)."""
+    out = []
+    batches = sorted({base.batch_size, *(b for b in (1, 2, 4) if b < base.batch_size)}, reverse=True)
+    resolutions = [base.resolution] + [r for r in range(base.resolution - 64, max(255, native // 2 - 1), -64)
+                                       if r % 64 == 0 and r >= 256]
+    precisions = [base.mixed_precision] if base.mixed_precision != "no" else ["no", "bf16"]
+    opts = [base.optimizer] + [o for o in ("adamw8bit", "adafactor") if o in optimizers and o != base.optimizer]
+    if recipe.adapter.method == "textual_inversion":
+        opts = [base.optimizer]  # a few thousand trained values: the optimizer never matters
+    for cache, mp, opt, gc, b, r in itertools.product(
+        {base.cache_latents, True} if recipe.data.center_crop else {base.cache_latents},
+        precisions, opts, {base.gradient_checkpointing, True}, batches, resolutions,
+    ):
+        s = replace(base, cache_latents=cache, mixed_precision=mp, optimizer=opt, gradient_checkpointing=gc,
+                    batch_size=b, resolution=r,
+                    gradient_accumulation=base.gradient_accumulation * max(1, base.batch_size // b))
+        cost = (_COST["cache_latents"] * (cache != base.cache_latents)
+                + _COST["mixed_precision"] * (mp != base.mixed_precision)
+                + _COST["optimizer"] * (opt != base.optimizer) + (1 if opt == "adafactor" else 0)
+                + _COST["gradient_checkpointing"] * (gc != base.gradient_checkpointing)
+                + 3 * (base.batch_size // b).bit_length() * (b != base.batch_size)
+                + 10 * (base.resolution - r) // 64)
+        out.append((cost, s))
+    return out
+
+
+def fit(sk: Skeleton, recipe: Recipe, vram_gb: float) -> Plan | None:
+    """The cheapest settings whose predicted device peak fits ``vram_gb`` (None: nothing fits)."""
+    from tuner.optim.optimizers import OPTIMIZERS
+
+    base = settings_from_recipe(recipe, sk.family.resolution)
+    budget = vram_gb * GB
+    best: tuple[int, int, Plan] | None = None
+    for cost, s in candidates(recipe, base, sk.family.resolution, OPTIMIZERS):
+        if best is not None and cost > best[0]:
+            continue
+        plan = plan_for(sk, recipe, s)
+        if plan.device_bytes <= budget and (best is None or (cost, plan.device_bytes) < best[:2]):
+            best = (cost, plan.device_bytes, plan)
+    return best[2] if best else None
+
+
+def changes(before: Settings, after: Settings) -> list[str]:
+    """Recipe overrides (``--set`` syntax) that turn ``before`` into ``after``."""
+    keys = {"resolution": "data.resolution", "batch_size": "train.batch_size",
+            "gradient_accumulation": "train.gradient_accumulation", "mixed_precision": "train.mixed_precision",
+            "gradient_checkpointing": "train.gradient_checkpointing", "optimizer": "optim.optimizer",
+            "cache_latents": "train.cache_latents"}
+    out = []
+    for name, key in keys.items():
+        a, b = getattr(before, name), getattr(after, name)
+        if a != b:
+            out.append(f"{key}={str(b).lower() if isinstance(b, bool) else b}")
+    return out
+
+
+def presets(sk: Skeleton, recipe: Recipe, sizes: tuple[float, ...] = PRESET_GB) -> list[dict[str, Any]]:
+    base = settings_from_recipe(recipe, sk.family.resolution)
+    rows = []
+    for gb in sizes:
+        plan = fit(sk, recipe, gb)
+        rows.append({"vram_gb": gb, "fits": plan is not None,
+                     "changes": changes(base, plan.settings) if plan else [],
+                     "predicted_gb": round(plan.device_bytes / GB, 2) if plan else None})
+    return rows
+
+
+def format_plan(plan: Plan) -> str:
+    s = plan.settings
+    lines = [
+        f"plan: {plan.method} on {plan.family}, {s.resolution} px, batch {s.batch_size}"
+        f"{' (x2 with prior preservation)' if plan.batch_on_device != s.batch_size else ''}, "
+        f"accumulation {s.gradient_accumulation}, mixed_precision {s.mixed_precision}, optimizer {s.optimizer}, "
+        f"gradient_checkpointing {str(s.gradient_checkpointing).lower()}, cache_latents {str(s.cache_latents).lower()}",
+        "",
+        f"| {'component':<18} | {'MB':>10} | note",
+        f"|{'-' * 20}|{'-' * 12}|-----",
+    ]
+    for c in plan.components:
+        lines.append(f"| {c.name:<18} | {c.bytes / MB:>10,.1f} | {c.note}")
+    lines += [
+        f"| {'total (tensors)':<18} | {plan.total_bytes / MB:>10,.1f} | predicted peak of PyTorch's allocator",
+        f"| {'+ CUDA overhead':<18} | {plan.device_bytes / MB:>10,.1f} | "
+        f"+{ALLOCATOR_SLACK:.0%} allocator slack, +{CUDA_OVERHEAD_BYTES // MB} MB context: what must fit a GPU",
+        "",
+        f"trainable {plan.trainable_params:,} params, frozen {plan.frozen_params:,}; "
+        f"step {plan.step_flops / 1e12:,.2f} TFLOP (forward x3{' +1 recompute' if s.gradient_checkpointing else ''})",
+        f"time per step at {UTILISATION[0]:.0%}-{UTILISATION[1]:.0%} of peak "
+        f"{'bf16/fp16 tensor-core' if s.mixed_precision != 'no' else 'fp32'} FLOPS (spec sheets; not measured):",
+    ]
+    for row in plan.times:
+        lines.append(f"  {row['device']:<16} {row['seconds_min']:.3g}-{row['seconds_max']:.3g} s")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def format_presets(rows: list[dict[str, Any]]) -> str:
+    lines = ["| VRAM | predicted | settings to change |", "|---|---|---|"]
+    for r in rows:
+        if not r["fits"]:
+            lines.append(f"| {r['vram_gb']} GB | - | nothing tried fits |")
+        else:
+            lines.append(f"| {r['vram_gb']} GB | {r['predicted_gb']} GB | "
+                         f"{' '.join('--set ' + c for c in r['changes']) or 'fits as is'} |")
+    return "\n".join(lines)
