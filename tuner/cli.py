@@ -482,9 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pretrain-tiny", help="work folder (checkpoints; rerun to resume)")
     p.add_argument("--steps", type=int, default=5000, help="UNet + text encoder steps (about 1.4 s each on 2 cores)")
     p.add_argument("--vae-steps", type=int, default=1200, help="VAE steps (first stage, about 1 s each)")
-    p.add_argument("--decoder-steps", type=int, default=2000,
-                   help="third stage: fine-tune the VAE decoder alone on the frozen encoder's latents "
-                        "(sharper small shapes; the UNet stays valid); 0 skips it")
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="optional third stage: fine-tune the VAE decoder alone on the frozen encoder's latents, "
+                        "half of them world geometry in free colours (the UNet stays valid); 0 skips it. "
+                        "The shipped base skips it: see its model card")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MIN",
