@@ -138,3 +138,34 @@ def test_a_folder_without_write_permission_is_reported(tmp_path):
         assert "is not writable" in (writable_folder_problem(locked / "out") or "")
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_real_small_disk_that_fills_during_a_checkpoint(circles, tmp_path):
+    """Not simulated: the output folder is a tmpfs with room for one checkpoint and a half."""
+    import shutil
+    import subprocess
+
+    def recipe(out, steps):
+        return small_recipe(circles, out, train__steps=steps, train__checkpoint_every=2, output__save_dtype="fp32")
+
+    probe = tmp_path / "probe"
+    loop.train(setup_run(recipe(probe, 2), **QUIET), **QUIET)
+    one = sum(f.stat().st_size for f in (probe / "checkpoints" / "step_000002").rglob("*") if f.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={int(one * 1.6) + 256 * 1024}", "tmpfs", str(disk)]
+    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run = setup_run(recipe(disk / "out", 6), **QUIET)
+        with pytest.raises(WriteError) as err:
+            loop.train(run, **QUIET)
+        assert "No space left on device" in str(err.value)
+        assert "the previous checkpoint" in str(err.value) and "step_000002' is intact" in str(err.value)
+        state = load_checkpoint(disk / "out" / "checkpoints" / "step_000002")
+        assert state.step == 2 and all(torch.isfinite(t).all() for t in state.trainable.values())
+        assert find_checkpoint("latest", disk / "out").name == "step_000002"
+        assert hidden_files(disk / "out" / "checkpoints") == []  # the half-written one was cleaned up
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
