@@ -33,6 +33,8 @@ def _recipe_from_args(args: argparse.Namespace):
 
     shortcuts: dict[str, object] = {key: getattr(args, opt) for opt, key in CLI_SHORTCUTS.items()}
     shortcuts["data.strict"] = True if args.strict else None
+    shortcuts["data.bucketing"] = True if args.bucketing else None
+    shortcuts["data.bucket_no_upscale"] = True if args.bucket_no_upscale else None
     return load_recipe(args.recipe, args.set or (), shortcuts)
 
 
@@ -355,6 +357,11 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="LoRA rank (adapter.rank)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (train.checkpoint_every)")
     p.add_argument("--strict", action="store_true", help="unreadable images are errors, not skips")
+    p.add_argument("--bucketing", action="store_true", help="aspect-ratio buckets (data.bucketing = true)")
+    p.add_argument("--min-bucket-reso", type=int, help="shortest bucket side in px (data.min_bucket_reso)")
+    p.add_argument("--max-bucket-reso", type=int, help="longest bucket side in px (data.max_bucket_reso)")
+    p.add_argument("--bucket-no-upscale", action="store_true",
+                   help="buckets from the images' own sizes, never enlarging one (data.bucket_no_upscale = true)")
 
 
 def build_parser() -> argparse.ArgumentParser:

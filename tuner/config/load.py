@@ -246,6 +246,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.repeats", lambda v: v >= 1, ">= 1"),
     ("data.resolution", lambda v: v == 0 or (v >= 8 and v % 8 == 0), "0 (native) or a multiple of 8, >= 8"),
     ("data.caption_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data.bucket_step", lambda v: v == 0 or (v >= 8 and v % 8 == 0), "0 (the family's) or a multiple of 8, >= 8"),
+    ("data.min_bucket_reso", lambda v: v == 0 or v >= 8, "0 (resolution / 2) or a size in px, >= 8"),
+    ("data.max_bucket_reso", lambda v: v == 0 or v >= 8, "0 (resolution x 2) or a size in px, >= 8"),
     ("data.keep_tags", lambda v: v >= 0, ">= 0"),
     ("data.alpha_background", lambda v: len(v) == 3 and all(0 <= c <= 255 for c in v),
      "3 integers in 0..255 (an RGB colour, e.g. [255, 255, 255] for white)"),
@@ -286,6 +289,7 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if not recipe.data.center_crop and recipe.train.cache_latents:
         out.append(("data.center_crop", "data.center_crop = False with train.cache_latents = True: random "
                     "crops need train.cache_latents = false, because cached latents fix the crop"))
+    out += _bucket_problems(recipe)
     if recipe.adapter.method in ("textual_inversion", "pivotal"):
         e = recipe.embedding
         if not e.tokens:
@@ -306,6 +310,25 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.preview.every > 0 and not recipe.preview.prompts:
         out.append(("preview.every", "preview.prompts = []: expected at least one prompt when "
                     f"preview.every = {recipe.preview.every} (or set preview.every = 0)"))
+    return out
+
+
+def _bucket_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Bucket keys that would do nothing, and combinations not supported; sizes are checked in setup."""
+    d, out = recipe.data, []
+    if not d.bucketing:
+        for key in ("bucket_step", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale"):
+            if getattr(d, key):
+                out.append((f"data.{key}", f"data.{key} = {_show(getattr(d, key))} has no effect without "
+                            "data.bucketing = true: turn bucketing on, or remove the key"))
+        return out
+    if d.min_bucket_reso and d.max_bucket_reso and d.min_bucket_reso > d.max_bucket_reso:
+        out.append(("data.min_bucket_reso", f"data.min_bucket_reso = {d.min_bucket_reso} is above "
+                    f"data.max_bucket_reso = {d.max_bucket_reso}"))
+    if recipe.prior.enabled:
+        out.append(("data.bucketing", "data.bucketing = true with prior.enabled = true is not supported yet (the "
+                    "class images are square and are paired batch for batch with the instance images): turn "
+                    "one of them off"))
     return out
 
 

@@ -41,6 +41,18 @@ class DataConfig:
     """Unreadable images are errors instead of reported skips."""
     alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])
     """RGB colour (0-255 each) that transparent pixels (RGBA, LA, palette transparency) are composited on."""
+    bucketing: bool = False
+    """Aspect-ratio buckets (kohya's enable_bucket): each image trains at the bucket of about
+    resolution x resolution pixels whose aspect ratio is nearest its own, instead of a centre square."""
+    bucket_step: int = 0
+    """Step of bucket sides in px; 0 = the family's (64 for SD1/SD2/SDXL as in kohya, 16 for tiny)."""
+    min_bucket_reso: int = 0
+    """Shortest bucket side in px; 0 = resolution / 2 (kohya's 256 at 512 px)."""
+    max_bucket_reso: int = 0
+    """Longest bucket side in px; 0 = resolution x 2 (kohya's 1024 at 512 px)."""
+    bucket_no_upscale: bool = False
+    """Buckets from the images' own sizes: an image within the area keeps its size (sides rounded down to
+    the step, cropped), a larger one is scaled down to the area; none is enlarged. Ignores min/max_bucket_reso."""
 
 
 @dataclass
@@ -205,4 +217,6 @@ CLI_SHORTCUTS: dict[str, str] = {
     "batch_size": "train.batch_size",
     "rank": "adapter.rank",
     "checkpoint_every": "train.checkpoint_every",
+    "min_bucket_reso": "data.min_bucket_reso",
+    "max_bucket_reso": "data.max_bucket_reso",
 }

@@ -1,7 +1,8 @@
 """The training dataset: examples that can be rebuilt exactly from (seed, epoch, sample index).
 
-Tensor conventions: ``Example.pixel_values`` is float32 ``[3, R, R]`` in ``[-1, 1]`` (RGB, channels
-first, ``R`` = resolution); ``Batch.pixel_values`` is ``[B, 3, R, R]``, same range.
+Tensor conventions: ``Example.pixel_values`` is float32 ``[3, H, W]`` in ``[-1, 1]`` (RGB, channels
+first); ``H = W = R`` (the resolution) unless aspect-ratio buckets are on, where ``(W, H)`` is the image's
+bucket. ``Batch.pixel_values`` is ``[B, 3, H, W]``, same range; a batch never mixes buckets.
 
 Exact resume without saved RNG state: every random choice of sample ``i`` in ``epoch`` (crop offsets,
 flip, caption dropout, tag order) comes from generators seeded by :func:`example_seed` of
@@ -9,27 +10,35 @@ flip, caption dropout, tag order) comes from generators seeded by :func:`example
 does not change which captions are dropped. The order in which samples are visited is
 :meth:`TrainDataset.epoch_order`, also a pure function of (seed, epoch). The training loop draws batches
 from that order itself (no DataLoader shuffling); resuming at step ``s`` just skips ahead.
+
+With aspect-ratio buckets (:mod:`tuner.data.buckets`) an epoch is a list of batches instead
+(:meth:`TrainDataset.epoch_batches`): each bucket's samples shuffled and cut into batches (the last one of a
+bucket may be smaller), then the epoch's batches shuffled; every permutation is seeded from (seed, epoch,
+bucket), so micro-batch ``k`` is still a pure function of ``(seed, k)``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tuner.data.buckets import BucketPlan
 from tuner.data.captions import process_caption
 from tuner.data.folder import DatasetIndex
-from tuner.data.images import load_image, prepare_image, resize_short_side
+from tuner.data.images import crop_image, load_image, resize_short_side
 
 # Stream tags keep the generators of one sample (and the epoch order) independent of each other.
 IMAGE_STREAM = 0
 CAPTION_STREAM = 1
 ORDER_STREAM = 2
+BUCKET_STREAM = 3
 
 FLIP_PROBABILITY = 0.5
 
@@ -50,13 +59,17 @@ class Example:
     """One training example (sample ``i`` of an epoch)."""
 
     pixel_values: torch.Tensor
-    """float32 ``[3, R, R]`` in ``[-1, 1]``."""
+    """float32 ``[3, H, W]`` in ``[-1, 1]`` (``H = W = R`` without buckets)."""
     caption: str
     """The caption after dropout / tag shuffling (``""`` when dropped)."""
     item_index: int
     """Index into ``DatasetIndex.items`` (the image this example was made from)."""
     flipped: bool
     """Whether the pixels were mirrored left-right."""
+    original_size: tuple[int, int] = (0, 0)
+    """(height, width) of the image file, upright (SDXL's ``original_size``)."""
+    crop_top_left: tuple[int, int] = (0, 0)
+    """(top, left) of the crop in the resized image (SDXL's ``crops_coords_top_left``)."""
 
 
 @dataclass
@@ -64,35 +77,47 @@ class Batch:
     """A batch of examples, as the training loop consumes it."""
 
     pixel_values: torch.Tensor
-    """float32 ``[B, 3, R, R]`` in ``[-1, 1]``."""
+    """float32 ``[B, 3, H, W]`` in ``[-1, 1]``."""
     captions: list[str]
     item_indices: list[int]
     flipped: list[bool]
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    """Per example (height, width) of the image file."""
+    crop_top_left: list[tuple[int, int]] = field(default_factory=list)
+    """Per example (top, left) of the crop in the resized image."""
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
 def collate(examples: Sequence[Example]) -> Batch:
-    """Stack examples (all of one resolution) into a :class:`Batch`, keeping their order."""
+    """Stack examples (all of one size) into a :class:`Batch`, keeping their order."""
     if not examples:
         raise ValueError("collate needs at least one example")
+    shapes = {tuple(e.pixel_values.shape) for e in examples}
+    if len(shapes) > 1:
+        raise ValueError(f"collate needs examples of one size, got {sorted(shapes)}")
     return Batch(
         pixel_values=torch.stack([e.pixel_values for e in examples]),
         captions=[e.caption for e in examples],
         item_indices=[e.item_index for e in examples],
         flipped=[e.flipped for e in examples],
+        original_sizes=[e.original_size for e in examples],
+        crop_top_left=[e.crop_top_left for e in examples],
     )
 
 
 class TrainDataset(Dataset[Example]):
-    """Square training examples over a :class:`DatasetIndex`, each image repeated ``item.repeats`` times.
+    """Training examples over a :class:`DatasetIndex`, each image repeated ``item.repeats`` times.
 
     Sample ``i`` belongs to item ``item_of(i)``; samples are laid out item by item (item 0's repeats
     first), and :meth:`epoch_order` shuffles them. Decoded images are kept in memory, already resized
     so their short side is ``resolution`` (the deterministic part); only crop, flip and caption edits
     are redone per example. ``center_crop=False`` crops at random; ``flip=True`` mirrors with p = 0.5.
     Transparent pixels are composited over ``background`` (RGB).
+
+    Examples are ``resolution`` squares, or with ``buckets`` (a plan for ``index.items``) each image's bucket:
+    resized to cover it (:func:`tuner.data.buckets.cover_size`) and cropped as above.
     """
 
     def __init__(
@@ -107,6 +132,7 @@ class TrainDataset(Dataset[Example]):
         keep_tags: int = 0,
         seed: int = 0,
         background: tuple[int, int, int] = (255, 255, 255),
+        buckets: BucketPlan | None = None,
     ):
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -116,6 +142,8 @@ class TrainDataset(Dataset[Example]):
             raise ValueError(f"keep_tags must be >= 0, got {keep_tags}")
         if not index.items:
             raise ValueError("the dataset index has no items")
+        if buckets is not None and len(buckets.assignments) != len(index.items):
+            raise ValueError(f"the bucket plan has {len(buckets.assignments)} images, the index {len(index.items)}")
         self.index = index
         self.resolution = resolution
         self.center_crop = center_crop
@@ -125,6 +153,7 @@ class TrainDataset(Dataset[Example]):
         self.keep_tags = keep_tags
         self.seed = seed
         self.background = background
+        self.buckets = buckets
         self.epoch = 0
         self._item_of = [k for k, item in enumerate(index.items) for _ in range(item.repeats)]
         self._images: dict[int, Image.Image] = {}
@@ -152,9 +181,9 @@ class TrainDataset(Dataset[Example]):
         image_rng = make_generator(self.seed, epoch, i, IMAGE_STREAM)
         # Draw order: the flip decision (only when flips are on), then crop offsets (random crop only).
         flipped = self.flip and float(torch.rand((), generator=image_rng)) < FLIP_PROBABILITY
-        pixels = prepare_image(
+        pixels, crop_top_left = crop_image(
             self._image(item_index),
-            self.resolution,
+            self.size_of(item_index),
             crop="center" if self.center_crop else "random",
             flip=flipped,
             generator=image_rng,
@@ -166,25 +195,78 @@ class TrainDataset(Dataset[Example]):
             keep_tags=self.keep_tags,
             generator=make_generator(self.seed, epoch, i, CAPTION_STREAM),
         )
-        return Example(pixel_values=pixels, caption=caption, item_index=item_index, flipped=flipped)
+        width, height = self.index.items[item_index].size
+        return Example(pixel_values=pixels, caption=caption, item_index=item_index, flipped=flipped,
+                       original_size=(height, width), crop_top_left=crop_top_left)
+
+    def size_of(self, item_index: int) -> tuple[int, int]:
+        """(width, height) of the examples of an item: its bucket, or the resolution square."""
+        if self.buckets is not None:
+            return self.buckets.bucket_of(item_index)
+        return (self.resolution, self.resolution)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The order in which the samples of ``epoch`` are visited: a permutation of ``range(len(self))``."""
         generator = make_generator(self.seed, epoch, -1, ORDER_STREAM)
         return torch.randperm(len(self), generator=generator).tolist()
 
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Micro-batches in one epoch: ``len(self) / batch_size`` rounded up per bucket with buckets (a
+        bucket's last batch may be smaller); without buckets batches run across epochs, so this is a ratio."""
+        if self.buckets is None:
+            return max(1, math.ceil(len(self) / batch_size))
+        sizes = [self.buckets.bucket_of(item) for item in self._item_of]
+        return sum(math.ceil(sizes.count(b) / batch_size) for b in set(sizes))
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> list[list[int]]:
+        """With buckets: the micro-batches (lists of sample indices, each from one bucket) of ``epoch`` in the
+        order they are trained. Each bucket's samples are permuted (stream ``BUCKET_STREAM``, index = the
+        bucket's place in the sorted bucket list) and cut into ``batch_size`` chunks; then the chunks are
+        permuted (index -1)."""
+        if self.buckets is None:
+            raise ValueError("epoch_batches needs a bucket plan (without buckets see epoch_order)")
+        chunks: list[list[int]] = []
+        for b, bucket in enumerate(self.buckets.buckets):
+            samples = [i for i, item in enumerate(self._item_of) if self.buckets.bucket_of(item) == bucket]
+            order = torch.randperm(len(samples), generator=make_generator(self.seed, epoch, b, BUCKET_STREAM))
+            shuffled = [samples[k] for k in order.tolist()]
+            chunks += [shuffled[k : k + batch_size] for k in range(0, len(shuffled), batch_size)]
+        order = torch.randperm(len(chunks), generator=make_generator(self.seed, epoch, -1, BUCKET_STREAM))
+        return [chunks[k] for k in order.tolist()]
+
+    def batch_samples(self, micro_step: int, batch_size: int) -> list[tuple[int, int]]:
+        """``(epoch, sample index)`` of each example of micro-batch ``micro_step``: a pure function of the
+        seed and ``micro_step``. Without buckets, positions ``k*B .. k*B+B-1`` of the stream made of each
+        epoch's :meth:`epoch_order` in turn; with buckets, batch ``k mod n`` of epoch ``k div n``'s
+        :meth:`epoch_batches` (n = :meth:`batches_per_epoch`)."""
+        if self.buckets is not None:
+            epoch, k = divmod(micro_step, self.batches_per_epoch(batch_size))
+            return [(epoch, i) for i in self.epoch_batches(epoch, batch_size)[k]]
+        n = len(self)
+        picks, orders = [], {}
+        for pos in range(micro_step * batch_size, (micro_step + 1) * batch_size):
+            epoch, offset = divmod(pos, n)
+            if epoch not in orders:
+                orders[epoch] = self.epoch_order(epoch)
+            picks.append((epoch, orders[epoch][offset]))
+        return picks
+
     def deterministic_example(self, item_index: int, flipped: bool) -> torch.Tensor:
         """Centre-crop pixels of an item (mirrored if ``flipped``), for pre-computing cached latents.
 
         Equal to ``get(i, epoch).pixel_values`` for every sample of that item with the same flip when
-        ``center_crop`` is on. float32 ``[3, R, R]`` in ``[-1, 1]``.
+        ``center_crop`` is on. float32 ``[3, H, W]`` in ``[-1, 1]``, at the item's size (:meth:`size_of`).
         """
-        return prepare_image(self._image(item_index), self.resolution, crop="center", flip=flipped)
+        return crop_image(self._image(item_index), self.size_of(item_index), crop="center", flip=flipped)[0]
 
     def _image(self, item_index: int) -> Image.Image:
         image = self._images.get(item_index)
         if image is None:
             path = self.index.items[item_index].path
-            image = resize_short_side(load_image(path, self.background), self.resolution)
+            image = load_image(path, self.background)
+            if self.buckets is None:
+                image = resize_short_side(image, self.resolution)
+            elif image.size != self.buckets.assignments[item_index].resized:
+                image = image.resize(self.buckets.assignments[item_index].resized, Image.Resampling.LANCZOS)
             self._images[item_index] = image
         return image

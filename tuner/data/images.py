@@ -141,15 +141,37 @@ def prepare_image(
     if img.mode != "RGB":
         raise ValueError(f"prepare_image expects an RGB image (use load_image), got mode {img.mode!r}")
     img = resize_short_side(img, resolution)
+    pixels, _ = crop_image(img, (resolution, resolution), crop=crop, flip=flip, generator=generator)
+    return pixels
+
+
+def crop_image(
+    img: Image.Image,
+    size: tuple[int, int],
+    crop: CropMode = "center",
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Cut a ``size = (width, height)`` window out of ``img`` (already resized to cover it) and mirror it if
+    ``flip``. ``crop="random"`` draws the x offset, then the y offset, from ``generator`` (each a
+    ``torch.randint`` over every valid position, both always drawn). Returns float32 ``[3, height, width]``
+    in ``[-1, 1]`` and the crop's ``(top, left)`` in the resized image (SDXL's ``crops_coords_top_left``)."""
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    if crop == "random" and generator is None:
+        raise ValueError("crop='random' needs a torch.Generator (randomness is never drawn globally)")
+    target_w, target_h = size
     width, height = img.size
+    if width < target_w or height < target_h:
+        raise ValueError(f"cannot crop {target_w}x{target_h} out of a {width}x{height} image")
     if crop == "random":
-        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator).item())
-        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator).item())
+        left = int(torch.randint(0, width - target_w + 1, (1,), generator=generator).item())
+        top = int(torch.randint(0, height - target_h + 1, (1,), generator=generator).item())
     else:
-        left = (width - resolution) // 2
-        top = (height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return pil_to_tensor(img, flip=flip)
+        left = (width - target_w) // 2
+        top = (height - target_h) // 2
+    img = img.crop((left, top, left + target_w, top + target_h))
+    return pil_to_tensor(img, flip=flip), (top, left)
 
 
 def pil_to_tensor(img: Image.Image, flip: bool = False) -> torch.Tensor:

@@ -55,6 +55,8 @@ class Family:
     checkpoint of this family needs (None: no single files exist for it).
     ``ldm_layers_dropped``: final LDM text-encoder layers a diffusers encoder leaves out (SD2: its OpenCLIP
     has 24 layers and diffusers keeps 23, which is how SD2 uses the penultimate layer).
+    ``bucket_step``: pixel step of aspect-ratio bucket sides when ``data.bucket_step = 0``: kohya's 64 for the
+    SD families, smaller for a base whose native size is small.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Family:
     added_conditioning: tuple[str, ...] = ()
     configs: str | None = None
     ldm_layers_dropped: int = 0
+    bucket_step: int = 64
 
     @property
     def kohya_prefixes(self) -> dict[str, str]:
@@ -172,6 +175,9 @@ TINY = Family(
     cross_attention_dim=128,
     prediction_type="v_prediction",
     latent_scale=None,
+    # 4x VAE x 2 UNet downsamplings: the smallest step whose latents every UNet level divides evenly (64 px at
+    # a 64 px base would leave 3 buckets: 1:4, 1:1, 4:1).
+    bucket_step=16,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, SD2, SD2V, SDXL, TINY)}

@@ -1,7 +1,9 @@
 """From data to UNet inputs: deterministic batches, cached latents and cached prompt embeds.
 
 Micro-batch ``k`` takes positions ``k*B .. k*B+B-1`` of an endless stream made of each epoch's permutation
-in turn, so any step's data is known from ``(seed, k)``: resuming mid-epoch replays the exact order.
+in turn (with aspect-ratio buckets: batch ``k mod n`` of epoch ``k div n``, each from one bucket), so any
+step's data is known from ``(seed, k)``: resuming mid-epoch replays the exact order. Cached latents are per
+image, at its bucket's size, so a batch of one bucket stacks.
 """
 
 from __future__ import annotations
@@ -14,15 +16,9 @@ from tuner.models.prompts import encode_prompts
 
 
 def batch_at(dataset: TrainDataset, micro_step: int, batch_size: int) -> Batch:
-    n = len(dataset)
-    examples = []
-    orders: dict[int, list[int]] = {}
-    for pos in range(micro_step * batch_size, (micro_step + 1) * batch_size):
-        epoch, offset = divmod(pos, n)
-        if epoch not in orders:
-            orders[epoch] = dataset.epoch_order(epoch)
-        examples.append(dataset.get(orders[epoch][offset], epoch))
-    return collate(examples)
+    """Micro-batch ``micro_step`` (see :meth:`TrainDataset.batch_samples`; with buckets it may be smaller than
+    ``batch_size`` and its pixels are its bucket's size)."""
+    return collate([dataset.get(i, epoch) for epoch, i in dataset.batch_samples(micro_step, batch_size)])
 
 
 @torch.no_grad()

@@ -108,10 +108,17 @@ def write_run_report(
         recipe_toml=run.recipe_toml,
         facts=table,
         evals=evals,
-        dataset=run.index.summary(resolution),
+        dataset=_dataset_summary(run, resolution),
         frequencies=frequencies,
         refresh_seconds=REFRESH_SECONDS if live else 0,
     )
+
+
+def _dataset_summary(run, resolution: int) -> str:
+    buckets = getattr(getattr(run, "dataset", None), "buckets", None)
+    if buckets is None:
+        return run.index.summary(resolution)
+    return f"{run.index.summary(0)}; {buckets.summary()}"
 
 
 class RunReport:

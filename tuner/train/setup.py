@@ -15,6 +15,7 @@ from torch import nn
 
 from tuner.config.load import recipe_hash, recipe_to_toml
 from tuner.config.schema import Recipe
+from tuner.data.buckets import BucketPlan, plan_buckets
 from tuner.data.dataset import TrainDataset
 from tuner.data.folder import DatasetIndex, scan_dataset
 from tuner.errors import TunerError
@@ -33,6 +34,8 @@ class StepArithmetic:
     batch_size: int
     accumulation: int
     steps: int
+    batches_per_epoch: int = 0
+    """With aspect-ratio buckets: micro-batches per epoch (a bucket's last batch may be smaller); 0 = none."""
 
     @property
     def samples_per_step(self) -> int:
@@ -40,17 +43,23 @@ class StepArithmetic:
 
     @property
     def steps_per_epoch(self) -> float:
+        if self.batches_per_epoch:
+            return self.batches_per_epoch / self.accumulation
         return self.samples_per_epoch / self.samples_per_step
 
     @property
     def epochs(self) -> float:
+        if self.batches_per_epoch:
+            return self.steps * self.accumulation / self.batches_per_epoch
         return self.steps * self.samples_per_step / self.samples_per_epoch
 
     def describe(self) -> str:
         return (
             f"{self.images} images -> {self.samples_per_epoch} samples per epoch (with repeats); "
             f"batch {self.batch_size} x accumulation {self.accumulation} = {self.samples_per_step} samples "
-            f"per step -> {self.steps_per_epoch:.2f} steps per epoch; {self.steps} steps = {self.epochs:.2f} epochs"
+            f"per step -> {self.steps_per_epoch:.2f} steps per epoch"
+            + (f" ({self.batches_per_epoch} one-bucket batches)" if self.batches_per_epoch else "")
+            + f"; {self.steps} steps = {self.epochs:.2f} epochs"
         )
 
 
@@ -203,6 +212,17 @@ def build_class_dataset(recipe: Recipe, base: BaseModel, resolution: int, device
                         background=background(recipe))
 
 
+def bucket_plan(recipe: Recipe, index: DatasetIndex, resolution: int, family_step: int) -> BucketPlan | None:
+    """The aspect-ratio buckets of ``index`` when ``data.bucketing`` is on (``family_step``: the family's
+    ``bucket_step``, used when ``data.bucket_step`` is 0); None when off. Raises :class:`TunerError` for bucket
+    sizes that do not fit the resolution or the step."""
+    d = recipe.data
+    if not d.bucketing:
+        return None
+    return plan_buckets([item.size for item in index.items], resolution=resolution, step=d.bucket_step or family_step,
+                        min_size=d.min_bucket_reso, max_size=d.max_bucket_reso, no_upscale=d.bucket_no_upscale)
+
+
 def background(recipe: Recipe) -> tuple[int, int, int]:
     """``data.alpha_background`` as the RGB triple the data layer takes."""
     r, g, b = recipe.data.alpha_background
@@ -241,7 +261,10 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         raise TunerError(
             f"data.resolution = {resolution} must be a multiple of {base.vae_scale_factor} for this base"
         )
-    log(index.summary(resolution))
+    buckets = bucket_plan(recipe, index, resolution, base.family.bucket_step)
+    log(index.summary(0 if buckets else resolution))  # with buckets, upscaling is counted per bucket
+    if buckets is not None:
+        log(buckets.summary())
     dataset = TrainDataset(
         index,
         resolution=resolution,
@@ -252,6 +275,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         keep_tags=recipe.data.keep_tags,
         seed=recipe.train.seed,
         background=background(recipe),
+        buckets=buckets,
     )
     device = pick_device(recipe.train.device)
     class_dataset = build_class_dataset(recipe, base, resolution, device, log) if recipe.prior.enabled else None
@@ -287,6 +311,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         batch_size=recipe.train.batch_size,
         accumulation=recipe.train.gradient_accumulation,
         steps=recipe.train.steps,
+        batches_per_epoch=dataset.batches_per_epoch(recipe.train.batch_size) if buckets else 0,
     )
     if arithmetic.samples_per_epoch < 1 or not math.isfinite(arithmetic.epochs):
         raise TunerError("the dataset has no samples")

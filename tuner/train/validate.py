@@ -12,12 +12,14 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from tuner.config.schema import Recipe
+from tuner.data.dataset import TrainDataset
 from tuner.data.folder import scan_dataset
 from tuner.errors import TunerError
 from tuner.models.base import check_base_spec
 from tuner.train.prior import count_images
 from tuner.train.setup import (
     StepArithmetic,
+    bucket_plan,
     check_tokens_in_captions,
     class_image_dir,
     output_folder_problems,
@@ -58,10 +60,21 @@ def validate_recipe(recipe: Recipe) -> Validation:
         for path, reason in index.skipped:
             v.notes.append(f"will skip {path}: {reason}")
         resolution = recipe.data.resolution or (family.resolution if family is not None else 0)
-        v.notes.append(index.summary(resolution))
+        buckets = None
+        if recipe.data.bucketing and family is not None:
+            try:
+                buckets = bucket_plan(recipe, index, resolution, family.bucket_step)
+            except TunerError as exc:
+                v.problems.append(f"data.bucketing: {exc}")
+        v.notes.append(index.summary(0 if recipe.data.bucketing else resolution))
+        batches = 0
+        if buckets is not None:
+            v.notes.append(buckets.summary())
+            dataset = TrainDataset(index, resolution=resolution, buckets=buckets)  # decodes nothing
+            batches = dataset.batches_per_epoch(recipe.train.batch_size)
         v.arithmetic = StepArithmetic(
             images=index.num_images, samples_per_epoch=index.samples_per_epoch, batch_size=recipe.train.batch_size,
-            accumulation=recipe.train.gradient_accumulation, steps=recipe.train.steps,
+            accumulation=recipe.train.gradient_accumulation, steps=recipe.train.steps, batches_per_epoch=batches,
         )
         if recipe.adapter.method in ("textual_inversion", "pivotal"):
             try:
