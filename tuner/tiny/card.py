@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tuner.formats.io import write_text_atomic
+
 CARD_NAME = "MODEL_CARD.md"
 
 
@@ -81,7 +83,7 @@ def write_card(
     for note in notes or []:
         lines += ["", note]
     path = Path(assets_dir) / CARD_NAME
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

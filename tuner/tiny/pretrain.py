@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tuner.formats.io import write_text_atomic
 from tuner.tiny import world
 
 STATE_VAE = "vae_state.pt"
@@ -405,7 +406,7 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
     s = settings or PretrainSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(asdict(s), indent=2), encoding="utf-8")
+    write_text_atomic(out / "settings.json", json.dumps(asdict(s), indent=2))
     clock = _Clock(s.time_limit_min)
     started = time.perf_counter()
     scenes = pretrain_scenes()
@@ -435,7 +436,7 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
     base = BaseModel(family=TINY, unet=unet, vae=vae, text_encoder=te, tokenizer=build_tokenizer(),
                      scheduler_config=dict(SCHEDULER_CONFIG), source=str(final))
     export_base(base, final)
-    (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
+    write_text_atomic(out / "history.json", json.dumps(history))
     part = (time.perf_counter() - started) / 60
     total = add_wall_minutes(out, part)
     log(f"pretraining finished (this part: {part:.1f} min, all parts: {total:.1f} min); wrote {final}")
@@ -450,7 +451,7 @@ def add_wall_minutes(out: Path, minutes: float) -> float:
     path = out / WALL_FILE
     parts = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
     parts.append(round(minutes, 2))
-    path.write_text(json.dumps(parts), encoding="utf-8")
+    write_text_atomic(path, json.dumps(parts))
     return float(sum(parts))
 
 
