@@ -290,6 +290,7 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[str, str]]:
         out.append(("data.center_crop", "data.center_crop = False with train.cache_latents = True: random "
                     "crops need train.cache_latents = false, because cached latents fix the crop"))
     out += _bucket_problems(recipe)
+    out += _memory_problems(recipe)
     if recipe.adapter.method in ("textual_inversion", "pivotal"):
         e = recipe.embedding
         if not e.tokens:
@@ -329,6 +330,25 @@ def _bucket_problems(recipe: Recipe) -> list[tuple[str, str]]:
         out.append(("data.bucketing", "data.bucketing = true with prior.enabled = true is not supported yet (the "
                     "class images are square and are paired batch for batch with the instance images): turn "
                     "one of them off"))
+    return out
+
+
+def _memory_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Memory settings that cannot work together."""
+    t, out = recipe.train, []
+    if recipe.optim.fused_backward:
+        why = "optim.fused_backward = true steps each tensor inside backward"
+        if t.gradient_accumulation > 1:
+            out.append(("optim.fused_backward", f"{why}, so it cannot accumulate gradients over micro-batches "
+                        f"(train.gradient_accumulation = {t.gradient_accumulation}): set it to 1 and raise "
+                        "train.batch_size, or turn fused_backward off"))
+        if t.max_grad_norm > 0:
+            out.append(("optim.fused_backward", f"{why}, before the global gradient norm is known, so it cannot "
+                        f"clip by it (train.max_grad_norm = {t.max_grad_norm:g}): set train.max_grad_norm = 0, "
+                        "or turn fused_backward off"))
+        if t.mixed_precision == "fp16":
+            out.append(("optim.fused_backward", f"{why}, but fp16's gradient scaler must unscale every gradient "
+                        'before any step: use train.mixed_precision = "bf16" (or "no"), or turn fused_backward off'))
     return out
 
 

@@ -15,6 +15,9 @@ from typing import Literal
 class ModelConfig:
     base: str = "tiny"
     """``tiny`` (the embedded base) or a local diffusers folder (SD1.x layout). Never a hub id."""
+    vae_dtype: Literal["auto", "fp32"] = "auto"
+    """``auto``: the VAE is stored like the other frozen weights (see train.weight_dtype); ``fp32`` keeps it in
+    fp32 (the SD1.x/SDXL VAEs overflow to NaN in fp16; costs 2 bytes per VAE weight while it is on the device)."""
 
 
 @dataclass
@@ -125,11 +128,24 @@ class TrainConfig:
     gradient_accumulation: int = 1
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast the forward passes in fp16/bf16 (trained weights stay fp32; fp16 adds a gradient scaler)."""
+    weight_dtype: Literal["auto", "fp32"] = "auto"
+    """Storage of the frozen weights: ``auto`` = the mixed_precision dtype while autocast is active (half the
+    memory of fp32), else fp32; ``fp32`` always. Trained tensors are fp32 either way."""
     gradient_checkpointing: bool = False
+    """Recompute each UNet block in backward instead of keeping its activations (about 1/3 more compute)."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """UNet/VAE attention: ``sdpa`` (torch's scaled_dot_product_attention: flash/memory-efficient kernels on
+    GPUs) or ``eager`` (the plain matmul-softmax-matmul; keeps the full attention matrix)."""
+    channels_last: bool = False
+    """Store the UNet in the channels-last memory layout (faster convolutions with fp16/bf16 on NVIDIA tensor
+    cores; no gain, often a loss, on CPUs)."""
     cache_latents: bool = True
     """Encode images once (VAE frozen); the VAE leaves the device afterwards."""
     cache_prompts: bool = True
-    """Encode each distinct caption once when the text encoder is frozen."""
+    """Encode every caption once before training when the text encoder is frozen, then move the text encoder
+    off the device. With data.shuffle_tags the captions change every step: they are encoded as they come and
+    the text encoder stays on the device."""
     min_snr_gamma: float = 0.0
     """Min-SNR loss weighting; 0 = off, 5 is the usual value."""
     noise_offset: float = 0.0
@@ -154,8 +170,14 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """``adamw8bit`` (bitsandbytes) keeps optimizer state in 8 bits: about 75% less state memory."""
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    """``adamw8bit`` (bitsandbytes) keeps optimizer state in 8 bits: about 75% less state memory.
+    ``adafactor`` (transformers; relative_step off, so learning_rate and the schedule apply as given) keeps
+    only a factored second moment (a row and a column per matrix) and no first moment; betas, eps are unused."""
+    fused_backward: bool = False
+    """Step the optimizer for each tensor as soon as its gradient is ready, inside backward, and free that
+    gradient: the full set of gradients never exists at once (for full fine-tunes). Needs
+    train.gradient_accumulation = 1, train.max_grad_norm = 0 and no fp16 (bf16 or no)."""
     learning_rate: float = 1e-4
     text_encoder_lr: float = 0.0
     """0 = same as learning_rate."""

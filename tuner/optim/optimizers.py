@@ -9,7 +9,7 @@ import torch
 
 from tuner.errors import TunerError
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -21,11 +21,19 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
 ) -> torch.optim.Optimizer:
-    """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes: 8-bit optimizer states, ~1/4 of AdamW's memory).
+    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes: 8-bit optimizer states, ~1/4 of AdamW's memory) or
+    ``adafactor`` (transformers: a factored second moment only, a row and a column per matrix).
 
-    Each group carries its own ``lr`` (UNet and text encoder can differ).
+    Each group carries its own ``lr`` (UNet and text encoder can differ). Adafactor runs with
+    ``relative_step=False`` and ``scale_parameter=False``, so each group's ``lr`` (and the LR schedule) is
+    the step size, as with AdamW; ``betas`` and ``eps`` do not apply to it (no first moment, its own eps).
     """
     kwargs = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, lr=param_groups[0]["lr"] if param_groups else 1e-4, relative_step=False,
+                         scale_parameter=False, warmup_init=False, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(param_groups, **kwargs)
     if name == "adamw8bit":

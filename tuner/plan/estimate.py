@@ -3,10 +3,13 @@ settings that fit a given amount of memory.
 
 Model of the peak (all in bytes, on the training device):
 
-- frozen weights: every resident weight not trained, at 2 bytes with ``mixed_precision`` fp16/bf16 (frozen
-  weights stored in the training precision), else 4; the VAE counts only without ``cache_latents`` (it
-  leaves the device after caching); the text encoder(s) always (tuner keeps them on the device).
-- trainable weights, gradients: 4 bytes each (fp32 master weights under autocast too).
+- frozen weights: every resident weight not trained, at 2 bytes with ``mixed_precision`` fp16/bf16 (tuner
+  stores frozen weights in the autocast dtype unless ``train.weight_dtype = "fp32"``; the VAE at 4 with
+  ``model.vae_dtype = "fp32"``), else 4; the VAE counts only without ``cache_latents`` and the text
+  encoder(s) only when prompt embeds cannot be cached (text encoder trained, ``cache_prompts`` off or
+  ``shuffle_tags``): cached components leave the device before training.
+- trainable weights, gradients: 4 bytes each (fp32 master weights under autocast too); with
+  ``optim.fused_backward`` only the largest tensor's gradient counts (each is freed right after its step).
 - optimizer states: AdamW 8 bytes/param; AdamW8bit 2 bytes/param plus an fp32 absmax per 256-value block
   and state, tensors under 4096 values at 8 bytes (bitsandbytes' rule); Adafactor one factored second
   moment (rows + columns) per matrix.
@@ -138,7 +141,7 @@ def optimizer_state_bytes(name: str, shapes: list[tuple[int, ...]]) -> int:
         elif name == "adamw8bit":
             total += 2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 8 * n
         elif name == "adafactor":
-            total += 4 * (shape[0] + n // shape[0]) if len(shape) >= 2 else 4 * n
+            total += 4 * (n // shape[-1] + n // shape[-2]) if len(shape) >= 2 else 4 * n  # row + col
         else:
             raise TunerError(f"the planner does not know optimizer {name!r}")
     return total
@@ -197,20 +200,30 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings) -> Plan:
         raise TunerError(f"resolution {s.resolution} must be a multiple of {sk.vae_scale_factor} for this base")
     half = s.mixed_precision in ("fp16", "bf16")
     frozen_b, act_b = (2, 2) if half else (4, 4)
+    if t.weight_dtype == "fp32":
+        frozen_b = 4
     batch = s.batch_size * (2 if recipe.prior.enabled else 1)
     shapes, full = _trainable(sk, recipe)
     trainable = sum(_count(v) for v in shapes.values())
 
-    resident = {"unet": sk.unet, **sk.text_encoders}
+    te_in_graph = method in ("textual_inversion", "pivotal") or recipe.adapter.train_text_encoder
+    te_on_device = te_in_graph or not t.cache_prompts or recipe.data.shuffle_tags
+    resident = {"unet": sk.unet}
+    if te_on_device:
+        resident.update(sk.text_encoders)
     if not s.cache_latents:
         resident["vae"] = sk.vae
     frozen = sum(param_count(m) for name, m in resident.items() if name not in full)
+    vae_fp32 = "vae" in resident and recipe.model.vae_dtype == "fp32" and frozen_b == 2
+    frozen_bytes = frozen * frozen_b + (2 * param_count(sk.vae) if vae_fp32 else 0)
+    fused = recipe.optim.fused_backward
+    grads = max((_count([sh]) for v in shapes.values() for sh in v), default=0) if fused else trainable
     components = [
-        Component("frozen weights", frozen * frozen_b,
+        Component("frozen weights", frozen_bytes,
                   f"{frozen / 1e6:,.1f}M params ({', '.join(n for n in resident if n not in full)}) "
-                  f"at {frozen_b} bytes"),
+                  f"at {frozen_b} bytes" + (" (VAE at 4)" if vae_fp32 else "")),
         Component("trainable weights", trainable * 4, f"{trainable / 1e6:,.2f}M params, fp32"),
-        Component("gradients", trainable * 4, "fp32"),
+        Component("gradients", grads * 4, "fp32, fused backward: largest tensor only" if fused else "fp32"),
         Component("optimizer states", optimizer_state_bytes(s.optimizer, [sh for v in shapes.values() for sh in v]),
                   s.optimizer),
     ]
@@ -221,7 +234,6 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings) -> Plan:
     unet_act = estimate_unet(sk.unet, height=lat, width=lat, context=sk.context_tokens, batch=batch,
                              act_bytes=act_b, checkpointing=s.gradient_checkpointing, trained=unet_trained(recipe))
     te_name, te = next(iter(sk.text_encoders.items()))
-    te_in_graph = method in ("textual_inversion", "pivotal") or recipe.adapter.train_text_encoder
     act = unet_act.saved_bytes
     note = f"UNet at {lat}x{lat} latents, batch {batch}" + (", checkpointed" if s.gradient_checkpointing else "")
     if te_in_graph:
@@ -236,15 +248,15 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings) -> Plan:
     components.append(Component("workspace", workspace, ws_note))
 
     flops = 3 * unet_act.forward_flops + (unet_act.forward_flops if s.gradient_checkpointing else 0)
-    flops += text_encoder_flops(te, sk.context_tokens, batch) * (3 if te_in_graph else 1)
+    flops += text_encoder_flops(te, sk.context_tokens, batch) * (3 if te_in_graph else int(te_on_device))
     if not s.cache_latents:
         flops += vae_encode_flops(sk.vae, s.resolution, s.resolution, batch)
     flops *= s.gradient_accumulation
     plan = Plan(family=sk.family.name, method=method, settings=s, batch_on_device=batch, components=components,
                 trainable_params=trainable, frozen_params=frozen, step_flops=flops, times=_times(flops, half))
-    if half:
-        plan.notes.append("frozen weights are counted in the training precision (2 bytes); a run that keeps "
-                          "them in fp32 under autocast needs 2 more bytes per frozen parameter")
+    if half and t.weight_dtype == "fp32":
+        plan.notes.append("train.weight_dtype = 'fp32' keeps frozen weights in fp32 under autocast (4 bytes); "
+                          "'auto' stores them in the autocast dtype (2 bytes)")
     return plan
 
 

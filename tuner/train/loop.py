@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from tuner.adapters.lora import trainable_state
 from tuner.config.load import recipe_to_dict
 from tuner.errors import TunerError
-from tuner.train.batches import batch_at, cache_latent_moments, latents_for, prompt_embeds_for
+from tuner.train.batches import batch_at, latents_for, prompt_embeds_for
+from tuner.train.caches import cache_latents, cache_prompts
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
 from tuner.train.export import export_adapter, write_preview
 from tuner.train.objective import add_noise, diffusion_loss, target_for
@@ -73,19 +74,13 @@ def compute_loss(run: Run, micro_step: int, generator: torch.Generator) -> torch
 
 
 def prepare_caches(run: Run, log=print) -> None:
-    """Cache latents (frozen VAE) and prompt embeds (frozen text encoder) when the recipe asks for it."""
+    """Cache latents (frozen VAE) and prompt embeds (frozen text encoder) when the recipe asks for it; the
+    cached components leave the training device (``tuner.train.caches``)."""
     cfg = run.recipe.train
     if cfg.cache_latents:
-        run.latent_cache = cache_latent_moments(run.dataset, run.base.vae, run.recipe.data.flip, run.device)
-        if run.class_dataset is not None:
-            run.class_latent_cache = cache_latent_moments(
-                run.class_dataset, run.base.vae, run.recipe.data.flip, run.device
-            )
-        run.base.vae.to("cpu")  # only previews need it now, and they decode on the CPU
-        cached = len(run.latent_cache) + len(run.class_latent_cache or ())
-        log(f"cached latents of {cached} image views; VAE moved off the training device")
+        cache_latents(run, log)
     if cfg.cache_prompts and run.text_encoder_frozen:
-        run.prompt_cache = {}
+        cache_prompts(run, log)
 
 
 def save(run: Run, step: int) -> Path:
@@ -139,6 +134,8 @@ class _StopRequest:
 
 def _grad_norm(run: Run) -> float:
     """Total gradient norm, clipped to ``max_grad_norm`` when that is set (an infinite bound is a no-op)."""
+    if getattr(run.optimizer, "fused", False):
+        return run.optimizer.grad_norm  # measured tensor by tensor in backward (no clipping possible)
     bound = run.recipe.train.max_grad_norm or float("inf")
     return float(run.accelerator.clip_grad_norm_(run.params, bound))
 
@@ -159,6 +156,7 @@ def train(run: Run, log=print) -> TrainResult:
     step, bad = run.start_step, 0
     # fp16's gradient scaler skips steps with overflowing gradients itself: only the loss is ours to check
     check_grads = run.recipe.train.mixed_precision != "fp16"
+    fused = getattr(run.optimizer, "fused", False)  # optim.fused_backward: steps happen inside backward
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     report = RunReport(run, log=bar.write)  # <output.dir>/report.html, rewritten at previews and checkpoints
     with _StopRequest() as stop, _tracker(run) as tracker:
@@ -168,8 +166,9 @@ def train(run: Run, log=print) -> TrainResult:
             loss_sum = 0.0
             for micro in range(cfg.gradient_accumulation):
                 loss = compute_loss(run, step * cfg.gradient_accumulation + micro, generator)
-                run.accelerator.backward(loss / cfg.gradient_accumulation)
                 loss_sum += loss.item() / cfg.gradient_accumulation
+                if not (fused and not math.isfinite(loss_sum)):  # fused: backward would step the weights
+                    run.accelerator.backward(loss / cfg.gradient_accumulation)
             norm = _grad_norm(run) if (check_grads or cfg.max_grad_norm > 0) else 0.0
             finite = math.isfinite(loss_sum) and (math.isfinite(norm) or not check_grads)
             if finite:
@@ -271,7 +270,8 @@ def restore(run: Run, checkpoint: Path, log=print) -> None:
             for table in ("model", "adapter", "embedding", "prior", "data")
             if table in saved  # tables added after a checkpoint was made are not compared
             for key, value in current[table].items()
-            if saved[table].get(key, defaults[table].get(key)) != value and key not in ("strict", "path")
+            if saved[table].get(key, defaults[table].get(key)) != value
+            and key not in ("strict", "path", "vae_dtype")
         ]
         if differ:
             raise TunerError(

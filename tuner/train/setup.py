@@ -5,6 +5,7 @@ The loop (``tuner.train.loop``) only reads the run; nothing here trains.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from tuner.data.folder import DatasetIndex, scan_dataset
 from tuner.errors import TunerError
 from tuner.formats.io import writable_folder_problem
 from tuner.models.base import BaseModel, load_base
+from tuner.optim.fused import FusedBackward
+from tuner.optim.memory import cast_frozen, frozen_dtype, set_attention, to_channels_last
 from tuner.optim.optimizers import build_optimizer, build_schedule
 from tuner.train.ema import Ema
 from tuner.train.methods import METHODS, AdapterSettings, Method
@@ -90,6 +93,8 @@ class Run:
     """Prior preservation: the class images, paired batch for batch with the instance images."""
     class_latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
     ema: Ema | None = None
+    offloaded: list[str] = field(default_factory=list)
+    """Frozen components moved off the training device after caching (``vae``, ``text_encoder``)."""
 
     @property
     def text_encoder_frozen(self) -> bool:
@@ -229,6 +234,24 @@ def background(recipe: Recipe) -> tuple[int, int, int]:
     return (r, g, b)
 
 
+def apply_memory_settings(recipe: Recipe, base: BaseModel, *, autocast_active: bool, log=print) -> None:
+    """Attention kernel, storage dtype of frozen weights (VAE: ``model.vae_dtype``), channels_last; called
+    after the adapter is attached (so trained tensors are known: they stay fp32) and before the move to the
+    device (so the device never holds the fp32 copies)."""
+    t = recipe.train
+    for module in (base.unet, base.vae):
+        set_attention(module, t.attention)
+    dtype = frozen_dtype(t.mixed_precision, t.weight_dtype, autocast_active=autocast_active)
+    if t.mixed_precision != "no" and dtype == torch.float32 and t.weight_dtype == "auto":
+        log(f"NOTE: train.mixed_precision = {t.mixed_precision!r} runs no autocast on this device: "
+            "frozen weights stay fp32")
+    for module in (base.unet, *base.text_encoders.values()):
+        cast_frozen(module, dtype)
+    cast_frozen(base.vae, torch.float32 if recipe.model.vae_dtype == "fp32" else dtype)
+    if t.channels_last:
+        to_channels_last(base.unet)
+
+
 def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel | None = None, log=print) -> Run:
     """Load the base, attach the adapter, index the data, build optimizer and schedules.
 
@@ -288,6 +311,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         if "text_encoder" in trained:
             base.text_encoder.gradient_checkpointing_enable()
     accelerator = make_accelerator(recipe.train.mixed_precision, cpu=device.type == "cpu")
+    apply_memory_settings(recipe, base, autocast_active=accelerator.native_amp, log=log)
     base.to(device)
     opt = recipe.optim
     groups = []
@@ -297,13 +321,18 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         if component == "embedding":
             lr = recipe.embedding.learning_rate
         groups.append({"params": params, "lr": lr, "name": component})
-    optimizer = build_optimizer(opt.optimizer, groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    make = functools.partial(build_optimizer, opt.optimizer, betas=opt.betas, eps=opt.eps,
+                             weight_decay=opt.weight_decay)
+    # fused: per-tensor steps inside backward (tuner.optim.fused); never wrapped by accelerate, whose
+    # optimizer wrapper would step (and unscale) all tensors at once
+    optimizer = FusedBackward(groups, make) if opt.fused_backward else make(groups)
     lr_scheduler = build_schedule(
         optimizer, opt.schedule, warmup_steps=opt.warmup_steps, total_steps=recipe.train.steps
     )
     for component in list(trained):
         trained[component] = accelerator.prepare(trained[component])
-    optimizer = accelerator.prepare(optimizer)
+    if not opt.fused_backward:
+        optimizer = accelerator.prepare(optimizer)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
     arithmetic = StepArithmetic(
         images=index.num_images,

@@ -1,0 +1,285 @@
+"""Memory features (issue 8.3): prompt/latent caching with the frozen components off the device, attention
+kernel, channels_last, frozen weights in the autocast dtype, fp32 VAE, Adafactor, fused backward.
+
+On the CPU the memory effect itself is nil; these tests check the bookkeeping (dtypes, devices, what
+training still calls) and that every switch gives the same training where it should."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import small_recipe
+
+from tuner.config.load import check_recipe
+from tuner.errors import TunerError
+from tuner.optim.fused import FusedBackward
+from tuner.optim.memory import attention_kinds
+from tuner.optim.optimizers import build_optimizer, build_schedule
+from tuner.plan.estimate import plan_recipe
+from tuner.plan.skeleton import build_skeleton
+from tuner.train import loop
+from tuner.train.caches import fixed_captions
+from tuner.train.loop import prepare_caches, train
+from tuner.train.setup import setup_run
+
+QUIET = {"log": lambda *_: None}
+
+
+def _calls(module: torch.nn.Module) -> list[int]:
+    """A list that grows by one at every forward call of ``module``."""
+    seen: list[int] = []
+    module.register_forward_hook(lambda *_: seen.append(1))
+    return seen
+
+
+def test_cached_prompts_and_latents_leave_the_device_and_are_never_recomputed(circles, tmp_path):
+    run = setup_run(small_recipe(circles, tmp_path, train__steps=2), **QUIET)
+    prepare_caches(run, **QUIET)
+    assert run.offloaded == ["vae", "text_encoder"]
+    assert next(run.base.vae.parameters()).device.type == "cpu"
+    assert next(run.base.text_encoder.parameters()).device.type == "cpu"
+    assert set(run.prompt_cache) == {item.caption for item in run.index.items}
+    te_calls, vae_calls = _calls(run.base.text_encoder), _calls(run.base.vae.encoder)
+    train(run, **QUIET)
+    assert te_calls == [] and vae_calls == []
+    prepare_caches(run, **QUIET)  # idempotent: nothing re-encoded, nothing listed twice
+    assert run.offloaded == ["vae", "text_encoder"] and te_calls == []
+
+
+def test_cached_and_uncached_prompts_and_latents_give_the_same_losses(circles, tmp_path):
+    losses = []
+    for cache in (True, False):
+        recipe = small_recipe(circles, tmp_path / str(cache), train__steps=3, train__cache_latents=cache,
+                              train__cache_prompts=cache, data__caption_dropout=0.5)
+        run = setup_run(recipe, **QUIET)
+        train(run, **QUIET)
+        assert run.offloaded == (["vae", "text_encoder"] if cache else [])
+        losses.append(run.history["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_caption_dropout_is_cacheable_but_tag_shuffling_is_not(circles, tmp_path):
+    run = setup_run(small_recipe(circles, tmp_path, data__caption_dropout=0.3), **QUIET)
+    assert fixed_captions([run.dataset])[-1] == ""
+    run = setup_run(small_recipe(circles, tmp_path, train__steps=1, data__shuffle_tags=True), **QUIET)
+    assert fixed_captions([run.dataset]) is None
+    notes: list[str] = []
+    prepare_caches(run, log=notes.append)
+    assert run.offloaded == ["vae"] and run.prompt_cache == {}
+    assert any("shuffle_tags" in n for n in notes)
+    train(run, **QUIET)  # captions encoded as they come, by the encoder still on the device
+    assert run.prompt_cache
+
+
+def test_trained_text_encoder_is_never_cached(circles, tmp_path):
+    run = setup_run(small_recipe(circles, tmp_path, adapter__train_text_encoder=True), **QUIET)
+    prepare_caches(run, **QUIET)
+    assert run.prompt_cache is None and run.offloaded == ["vae"]
+
+
+def test_attention_switch(circles, tmp_path):
+    losses = {}
+    for kind in ("sdpa", "eager"):
+        run = setup_run(small_recipe(circles, tmp_path / kind, train__steps=2, train__attention=kind), **QUIET)
+        assert attention_kinds(run.base.unet) == {kind} and attention_kinds(run.base.vae) == {kind}
+        train(run, **QUIET)
+        losses[kind] = run.history["loss"]
+    assert losses["sdpa"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+def test_channels_last_trains_the_same(circles, tmp_path):
+    losses = []
+    for on in (False, True):
+        run = setup_run(small_recipe(circles, tmp_path / str(on), train__steps=2, train__channels_last=on), **QUIET)
+        conv = run.base.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == on
+        train(run, **QUIET)
+        losses.append(run.history["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_frozen_weights_follow_the_autocast_dtype(circles, tmp_path):
+    run = setup_run(small_recipe(circles, tmp_path, train__mixed_precision="bf16"), **QUIET)
+    frozen = [p for m in (run.base.unet, run.base.text_encoder, run.base.vae) for p in m.parameters()
+              if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert run.params and all(p.dtype == torch.float32 for p in run.params)  # LoRA factors: fp32 masters
+
+    run = setup_run(small_recipe(circles, tmp_path, train__mixed_precision="bf16", model__vae_dtype="fp32"), **QUIET)
+    assert run.base.vae.dtype == torch.float32 and run.base.unet.conv_in.weight.dtype == torch.bfloat16
+    run = setup_run(small_recipe(circles, tmp_path, train__mixed_precision="bf16", train__weight_dtype="fp32"),
+                    **QUIET)
+    assert all(p.dtype == torch.float32 for p in run.base.unet.parameters())
+
+
+def test_bf16_training_with_half_weights_trains_and_previews(circles, tmp_path):
+    recipe = small_recipe(circles, tmp_path, train__steps=1, train__mixed_precision="bf16",
+                          preview__every=1, preview__prompts=["a white circle"], preview__steps=2)
+    run = setup_run(recipe, **QUIET)
+    result = train(run, **QUIET)
+    assert torch.isfinite(torch.tensor(run.history["loss"])).all()
+    assert (tmp_path / "previews" / "step_000001.png").is_file() and result.outputs
+
+
+def test_fp16_on_cpu_keeps_fp32_weights(circles, tmp_path):
+    """accelerate runs no fp16 autocast on the CPU: half weights would then meet fp32 activations."""
+    notes: list[str] = []
+    run = setup_run(small_recipe(circles, tmp_path, train__mixed_precision="fp16"), log=notes.append)
+    assert run.base.unet.conv_in.weight.dtype == torch.float32
+    assert any("frozen weights stay fp32" in n for n in notes)
+
+
+def test_nan_latents_name_the_fp32_vae_fix(circles, tmp_path):
+    run = setup_run(small_recipe(circles, tmp_path), **QUIET)
+    with torch.no_grad():
+        run.base.vae.encoder.conv_in.weight.fill_(float("inf"))
+    with pytest.raises(TunerError, match='model.vae_dtype = "fp32"'):
+        prepare_caches(run, **QUIET)
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+
+
+def _steps(model, opt, sched, steps: int, start: int = 0) -> None:
+    for k in range(start, start + steps):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(k))
+        model(x).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "adamw8bit"])
+def test_fused_backward_equals_the_normal_step(name):
+    results = []
+    for fused in (False, True):
+        m = _mlp()
+        groups = [{"params": list(m[0].parameters()), "lr": 1e-2}, {"params": list(m[2].parameters()), "lr": 3e-3}]
+        make = functools.partial(build_optimizer, name, weight_decay=1e-2)
+        opt = FusedBackward(groups, make) if fused else make(groups)
+        sched = build_schedule(opt, "cosine", warmup_steps=2, total_steps=8)
+        _steps(m, opt, sched, 8)
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_state_dict_resumes_in_either_form():
+    """A checkpoint of the fused optimizer continues unfused (and back) exactly like an unbroken run."""
+    def build(model, fused):
+        make = functools.partial(build_optimizer, "adamw")
+        groups = [{"params": list(model.parameters()), "lr": 1e-2}]
+        opt = FusedBackward(groups, make) if fused else make(groups)
+        return opt, build_schedule(opt, "constant", warmup_steps=0, total_steps=8)
+
+    ref = _mlp()
+    opt, sched = build(ref, False)
+    _steps(ref, opt, sched, 6)
+    for first, second in ((True, False), (False, True)):
+        m = _mlp()
+        opt, sched = build(m, first)
+        _steps(m, opt, sched, 3)
+        state = opt.state_dict()
+        opt2, sched2 = build(m, second)
+        if isinstance(opt, FusedBackward):
+            opt.remove_hooks()
+        opt2.load_state_dict(state)
+        _steps(m, opt2, sched2, 3, start=3)
+        for a, b in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_backward_skips_a_non_finite_gradient():
+    m = _mlp()
+    opt = FusedBackward([{"params": list(m.parameters()), "lr": 1e-2}], functools.partial(build_optimizer, "adamw"))
+    before = m[0].weight.detach().clone()
+    (m(torch.randn(2, 8)).sum() + m[0].weight.sum() * float("nan")).backward()
+    assert torch.equal(m[0].weight, before) and m[0].weight.grad is None
+    assert opt.grad_norm != opt.grad_norm  # NaN
+    opt.zero_grad()
+    assert opt.grad_norm == 0.0
+
+
+def test_fused_dreambooth_matches_the_unfused_run(circles, tmp_path):
+    weights = []
+    for fused in (False, True):
+        recipe = small_recipe(circles, tmp_path / str(fused), adapter__method="dreambooth", train__steps=3,
+                              train__max_grad_norm=0.0, optim__fused_backward=fused, optim__learning_rate=1e-4)
+        run = setup_run(recipe, **QUIET)
+        assert isinstance(run.optimizer, FusedBackward) == fused
+        train(run, **QUIET)
+        weights.append({k: v.detach().clone() for k, v in run.base.unet.state_dict().items()})
+        assert run.history["loss"]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fused_backward_nan_loss_changes_nothing(circles, tmp_path, monkeypatch):
+    recipe = small_recipe(circles, tmp_path, adapter__method="dreambooth", train__steps=4, train__max_bad_steps=2,
+                          train__max_grad_norm=0.0, optim__fused_backward=True)
+    run = setup_run(recipe, **QUIET)
+    before = {k: v.detach().clone() for k, v in run.base.unet.state_dict().items()}
+    real = loop.compute_loss
+    monkeypatch.setattr(loop, "compute_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(loop.TrainingStopped, match="NaN/inf for 2 steps"):
+        train(run, **QUIET)
+    after = run.base.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw8bit"])
+def test_adafactor_and_8bit_train_lora_and_fused(circles, tmp_path, optimizer):
+    run = setup_run(small_recipe(circles, tmp_path, train__steps=2, optim__optimizer=optimizer), **QUIET)
+    train(run, **QUIET)
+    assert len(run.history["loss"]) == 2
+    recipe = small_recipe(circles, tmp_path / "f", adapter__method="dreambooth", train__steps=2,
+                          train__max_grad_norm=0.0, optim__optimizer=optimizer, optim__fused_backward=True)
+    run = setup_run(recipe, **QUIET)
+    start = run.base.unet.conv_in.weight.detach().clone()
+    train(run, **QUIET)
+    assert not torch.equal(run.base.unet.conv_in.weight, start)
+
+
+def test_validate_refuses_fused_backward_combinations():
+    from tuner.config.schema import Recipe
+
+    r = Recipe()
+    r.optim.fused_backward = True
+    r.train.gradient_accumulation = 2
+    r.train.mixed_precision = "fp16"
+    problems = check_recipe(r)  # max_grad_norm is 1.0 by default: a third problem
+    assert len(problems) == 3
+    assert any("gradient_accumulation = 2" in p for p in problems)
+    assert any("max_grad_norm = 0" in p for p in problems)
+    assert any("bf16" in p for p in problems)
+    r.train.gradient_accumulation, r.train.mixed_precision, r.train.max_grad_norm = 1, "bf16", 0.0
+    assert check_recipe(r) == []
+
+
+def test_plan_follows_the_memory_settings():
+    from tuner.config.schema import Recipe
+
+    sk = build_skeleton("tiny", "sd15")
+    r = Recipe()
+    r.adapter.method = "dreambooth"
+    r.train.mixed_precision = "bf16"
+    base = plan_recipe(r, skeleton=sk)
+    r.optim.fused_backward = True
+    fused = plan_recipe(r, skeleton=sk)
+    assert fused.component("gradients") < base.component("gradients") / 20  # largest tensor only
+    r.train.weight_dtype = "fp32"
+    r.train.cache_prompts = False
+    kept = plan_recipe(r, skeleton=sk)
+    assert kept.component("frozen weights") == 123_060_480 * 4  # the text encoder, fp32, stays on the device
+    assert any("weight_dtype" in n for n in kept.notes)
+    r.train.cache_latents, r.model.vae_dtype, r.train.weight_dtype = False, "fp32", "auto"
+    vae = plan_recipe(r, skeleton=sk)
+    assert vae.component("frozen weights") == 123_060_480 * 2 + param_count_vae(sk) * 4
+
+
+def param_count_vae(sk) -> int:
+    return sum(p.numel() for p in sk.vae.parameters())
