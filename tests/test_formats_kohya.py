@@ -19,7 +19,7 @@ from tuner.formats.kohya import (
     to_kohya_state_dict,
 )
 from tuner.formats.ldm import SD1_LAYOUT, SDXL_LAYOUT, block_pairs, to_diffusers_path, to_ldm_path
-from tuner.models.families import SD15, TINY
+from tuner.models.families import SD15, SDXL, TINY
 
 REFERENCE = Path(__file__).parent / "data" / "kohya_keys_canonical.json"
 
@@ -116,10 +116,21 @@ def test_kohya_module_name_examples():
     )
 
 
-def test_ldm_family_naming_is_not_implemented_yet():
-    sdxl_like = dataclasses.replace(SD15, name="sdxl", unet_naming="ldm")
-    with pytest.raises(NotImplementedError, match="LDM"):
-        kohya_module_name(sdxl_like, "unet:down_blocks.1.attentions.0.proj_in")
+def test_sdxl_unet_names_are_ldm_derived():
+    assert (
+        kohya_module_name(SDXL, "unet:down_blocks.1.attentions.0.proj_in")
+        == "lora_unet_input_blocks_4_1_proj_in"
+    )
+    assert (
+        kohya_module_name(SDXL, "text_encoder_2:text_model.encoder.layers.31.mlp.fc2")
+        == "lora_te2_text_model_encoder_layers_31_mlp_fc2"
+    )
+    table = kohya_name_table(SDXL, ["unet:up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_v"])
+    assert table["lora_unet_output_blocks_2_1_transformer_blocks_9_attn2_to_v"] == table[
+        "lora_unet_up_blocks_0_attentions_2_transformer_blocks_9_attn2_to_v"]  # diffusers name: read alias
+    no_layout = dataclasses.replace(SD15, name="other", unet_naming="ldm")
+    with pytest.raises(ValueError, match="no LDM layout"):
+        kohya_module_name(no_layout, "unet:down_blocks.1.attentions.0.proj_in")
 
 
 def test_component_outside_family_is_an_error():

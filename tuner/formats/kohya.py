@@ -5,8 +5,10 @@ and a 0-dim ``<NAME>.alpha``; ``<NAME>`` is ``<prefix>_<module path with . -> _>
 the dots, so reading resolves names through a *name table* built from the canonical keys of the model the
 file is meant for (:func:`kohya_name_table`), never by guessing where the dots were.
 
+SDXL UNet modules are written with LDM-derived names (``lora_unet_input_blocks_4_1_...``), as kohya does.
 Accepted on read, besides the names tuner writes (aliases, see :func:`kohya_aliases`): LDM-derived UNet
-names for SD1/SD2 (``lora_unet_input_blocks_1_1_...``, which A1111 and ComfyUI accept), ``lora_te1_`` for a
+names for SD1/SD2 (``lora_unet_input_blocks_1_1_...``, which A1111 and ComfyUI accept), diffusers-derived
+UNet names for SDXL, ``lora_te1_`` for a
 single text encoder (what diffusers' own kohya exporter writes) and text-encoder names without the
 ``text_model`` level (kohya run under transformers 5).
 """
@@ -50,12 +52,13 @@ def _unet_path(family: Family, path: str) -> str:
     if family.unet_naming == "diffusers":
         return path
     if family.unet_naming == "ldm":
-        # The table exists (tuner.formats.ldm.to_ldm_path with LDM_LAYOUTS["sdxl"]); exporting with it is
-        # wired up together with the SDXL family and checked against kohya's reference names.
-        raise NotImplementedError(
-            f"kohya names for family {family.name!r} use LDM (sgm) UNet names, which tuner does not export "
-            "yet (FORMATS.md §1.5)"
-        )
+        layout = LDM_LAYOUTS.get(family.name)
+        if layout is None:
+            raise ValueError(f"family {family.name!r} names UNet modules after the LDM tree but has no LDM layout")
+        try:
+            return to_ldm_path(layout, path)
+        except ValueError as exc:
+            raise FormatError(f"unet:{path}: {exc}") from None
     raise ValueError(f"family {family.name!r} has unknown unet_naming {family.unet_naming!r}")
 
 
@@ -63,6 +66,7 @@ def kohya_aliases(family: Family, canonical_key: str) -> list[str]:
     """Other kohya names other writers use for the same module (accepted on read, never written).
 
     * UNet, families with a known LDM layout and diffusers naming: the LDM-derived name.
+    * UNet, families with LDM naming (SDXL): the diffusers-derived name.
     * Single-text-encoder families: ``lora_te1_`` instead of ``lora_te_``.
     * Text encoders: the name without the ``text_model`` level.
     """
@@ -76,6 +80,8 @@ def kohya_aliases(family: Family, canonical_key: str) -> list[str]:
                 aliases.append(f"{prefix}_{to_ldm_path(layout, path).replace('.', '_')}")
             except ValueError:
                 pass  # a module outside the mapped blocks has no LDM name; only its diffusers name is valid
+        elif family.unet_naming == "ldm":
+            aliases.append(f"{prefix}_{path.replace('.', '_')}")  # diffusers-derived (diffusers' own exporter)
         return aliases
     prefixes = [prefix]
     if len(family.text_encoders) == 1 and prefix == "lora_te":

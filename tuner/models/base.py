@@ -7,6 +7,7 @@ noise-scheduler config; trainers adapt whichever parts they need and the sampler
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -28,7 +29,9 @@ class BaseModel:
     """A loaded base model.
 
     ``vae_scale_factor``: pixels per latent cell (8 for SD, 4 for tiny). ``latent_scale``: the VAE's
-    ``scaling_factor``; the UNet sees ``latent_dist.sample() * latent_scale``.
+    ``scaling_factor``; the UNet sees ``latent_dist.sample() * latent_scale``. ``text_encoder_2`` and
+    ``tokenizer_2`` are set for families with a second text encoder (SDXL); which encoders exist and how
+    their outputs are used is the family record's business (:attr:`text_encoders`, ``family.text_encoders``).
     """
 
     family: Family
@@ -40,6 +43,8 @@ class BaseModel:
     source: str
     is_random: bool = False
     notes: list[str] = field(default_factory=list)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
     @property
     def prediction_type(self) -> str:
@@ -55,10 +60,21 @@ class BaseModel:
 
     @property
     def text_encoders(self) -> dict[str, Any]:
-        return {"text_encoder": self.text_encoder}
+        """Component name -> text encoder, in the family's order (``text_encoder``, ``text_encoder_2``)."""
+        return {spec.component: getattr(self, spec.component) for spec in self.family.text_encoders}
+
+    @property
+    def tokenizers(self) -> dict[str, Any]:
+        """Tokenizer name -> tokenizer, in the family's order."""
+        return {spec.tokenizer: getattr(self, spec.tokenizer) for spec in self.family.text_encoders}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """Every model component (UNet, VAE, text encoders) by its diffusers name."""
+        return {"unet": self.unet, "vae": self.vae, **self.text_encoders}
 
     def to(self, device: torch.device | str) -> BaseModel:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.components.values():
             module.to(device)
         return self
 
@@ -69,7 +85,7 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def load_base(spec: str, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None) -> BaseModel:
-    """Load ``tiny``, a local diffusers folder (SD1.x/SD2.x layout) or a single-file checkpoint, on the CPU.
+    """Load ``tiny``, a local diffusers folder (SD1.x/SD2.x/SDXL layout) or a single-file checkpoint, on the CPU.
 
     Raises :class:`TunerError` within seconds for a hub id, a missing path, an unknown or unsafe file or a
     folder missing a component, saying what to pass instead. ``prediction_type`` (``"epsilon"``/``"v"``)
@@ -93,11 +109,19 @@ def _load_single_file(path: Path, family: Family, dtype: torch.dtype) -> BaseMod
         family=family,
         unet=loaded.modules["unet"],
         vae=loaded.modules["vae"],
-        text_encoder=loaded.modules["text_encoder"],
-        tokenizer=loaded.tokenizers["tokenizer"],
         scheduler_config=loaded.scheduler_config,
         source=str(path),
+        **_encoders_by_field(family, loaded.modules, loaded.tokenizers),
     )
+
+
+def _encoders_by_field(family: Family, modules: dict[str, Any], tokenizers: dict[str, Any]) -> dict[str, Any]:
+    """BaseModel keyword arguments for the family's text encoders and tokenizers."""
+    out: dict[str, Any] = {}
+    for spec in family.text_encoders:
+        out[spec.component] = modules[spec.component]
+        out[spec.tokenizer] = tokenizers[spec.tokenizer]
+    return out
 
 
 def check_base_spec(spec: str, *, prediction_type: str | None = None) -> Family:
@@ -121,35 +145,33 @@ def check_base_spec(spec: str, *, prediction_type: str | None = None) -> Family:
     if path.is_file():
         from tuner.models.single_file import check_single_file
 
-        family = check_single_file(path, prediction_type=prediction_type)
-        if len(family.text_encoders) > 1:
-            raise TunerError(
-                f"'{spec}' is an {family.description} checkpoint; tuner reads SDXL files "
-                "(tuner.models.single_file.load_single_file) but cannot train or sample SDXL yet."
-            )
-        return family
+        return check_single_file(path, prediction_type=prediction_type)
     missing = [c for c in DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise TunerError(
-            f"'{path}' is not a diffusers SD1.x/SD2.x folder: missing {', '.join(m + '/' for m in missing)}. "
-            "Expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as written by "
-            "StableDiffusionPipeline.save_pretrained or `tuner export-base`)."
+            f"'{path}' is not a diffusers model folder: missing {', '.join(m + '/' for m in missing)}. "
+            "Expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (plus text_encoder_2/ and "
+            "tokenizer_2/ for SDXL), as written by the diffusers pipelines' save_pretrained or `tuner export-base`."
         )
     unet_cfg = _read_json(path / "unet" / "config.json")
     cross_dim = unet_cfg.get("cross_attention_dim")
-    if unet_cfg.get("addition_embed_type") == "text_time" or cross_dim == SDXL.cross_attention_dim:
-        raise TunerError(f"'{path}' is an SDXL model; SDXL bases are not supported yet (SD1.x and SD2.x only).")
-    if cross_dim == 1024:
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        family = SDXL
+    elif cross_dim == 1024:
         sched = _read_json(path / "scheduler" / "scheduler_config.json")
-        return SD2V if sched.get("prediction_type") == "v_prediction" else SD2
-    family = {768: SD15, TINY.cross_attention_dim: TINY}.get(cross_dim)
+        family = SD2V if sched.get("prediction_type") == "v_prediction" else SD2
+    else:
+        family = {768: SD15, TINY.cross_attention_dim: TINY}.get(cross_dim)  # type: ignore[assignment]
     if family is None:
         raise TunerError(
             f"'{path}': unet cross_attention_dim {cross_dim!r} matches no known family "
-            "(768 = SD1.x, 1024 = SD2.x, 128 = tuner tiny)."
+            "(768 = SD1.x, 1024 = SD2.x, 128 = tuner tiny; SDXL has addition_embed_type 'text_time')."
         )
+    extra = [n for te in family.text_encoders for n in (te.component, te.tokenizer) if not (path / n).is_dir()]
+    if extra:
+        raise TunerError(f"'{path}' is an {family.description} folder but lacks "
+                         f"{', '.join(m + '/' for m in extra)}")
     return family
-
 
 
 TINY_ASSETS = Path(__file__).resolve().parent.parent / "tiny" / "assets"
@@ -180,16 +202,22 @@ def _load_tiny(dtype: torch.dtype) -> BaseModel:
 
 
 def _load_diffusers_folder(path: Path, family: Family, dtype: torch.dtype) -> BaseModel:
-    """Load a folder that :func:`check_base_spec` accepted as ``family``."""
+    """Load a folder that :func:`check_base_spec` accepted as ``family`` (its text encoders and tokenizers
+    are those the family record lists)."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
+    modules: dict[str, Any] = {}
+    tokenizers: dict[str, Any] = {}
     try:
         kw: dict[str, Any] = {"local_files_only": True, "torch_dtype": dtype}
         unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        for spec in family.text_encoders:
+            model_class = getattr(transformers, spec.model_class)
+            modules[spec.component] = model_class.from_pretrained(path / spec.component, **kw).eval()
+            tokenizers[spec.tokenizer] = CLIPTokenizer.from_pretrained(path / spec.tokenizer, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise TunerError(f"could not load the diffusers folder '{path}': {exc}") from exc
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
@@ -198,10 +226,9 @@ def _load_diffusers_folder(path: Path, family: Family, dtype: torch.dtype) -> Ba
         family=family,
         unet=unet.eval(),
         vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
         scheduler_config=sched_cfg,
         source=str(path),
+        **_encoders_by_field(family, modules, tokenizers),
     )
 
 
@@ -215,12 +242,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def export_base(base: BaseModel, out_dir: str | Path) -> Path:
-    """Write ``base`` as a standard diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads.
+    """Write ``base`` as a standard diffusers folder that its family's pipeline (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``) loads with ``from_pretrained``.
 
     Written into a temporary sibling folder and renamed into place, so a crash never leaves a half folder.
     An existing non-empty ``out_dir`` is refused rather than overwritten.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    import diffusers
 
     from tuner.formats.io import fsync_tree
 
@@ -228,17 +256,12 @@ def export_base(base: BaseModel, out_dir: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise TunerError(f"output folder '{out}' exists and is not empty; pass a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    scheduler = DDIMScheduler.from_config(base.scheduler_config)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline_class = getattr(diffusers, base.family.pipeline_class)
+    parts: dict[str, Any] = {**base.components, **base.tokenizers}
+    unused = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    parts.update({k: v for k, v in unused.items() if k in accepted})  # SD1's pipeline asks for these
+    pipe = pipeline_class(scheduler=diffusers.DDIMScheduler.from_config(base.scheduler_config), **parts)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)

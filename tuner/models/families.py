@@ -55,6 +55,9 @@ class Family:
     checkpoint of this family needs (None: no single files exist for it).
     ``ldm_layers_dropped``: final LDM text-encoder layers a diffusers encoder leaves out (SD2: its OpenCLIP
     has 24 layers and diffusers keeps 23, which is how SD2 uses the penultimate layer).
+    ``pipeline_class``: the diffusers pipeline that loads and saves a folder of this family.
+    ``zero_empty_negative``: an empty negative prompt means all-zero prompt embeds (SDXL base was trained
+    with zeroed embeds for dropped captions; diffusers' SDXL pipeline does this by default).
     ``bucket_step``: pixel step of aspect-ratio bucket sides when ``data.bucket_step = 0``: kohya's 64 for the
     SD families, smaller for a base whose native size is small.
     """
@@ -74,6 +77,8 @@ class Family:
     added_conditioning: tuple[str, ...] = ()
     configs: str | None = None
     ldm_layers_dropped: int = 0
+    pipeline_class: str = "StableDiffusionPipeline"
+    zero_empty_negative: bool = False
     bucket_step: int = 64
 
     @property
@@ -158,6 +163,8 @@ SDXL = Family(
     latent_scale=0.13025,
     added_conditioning=("original_size", "crops_coords_top_left", "target_size"),
     configs="sdxl",
+    pipeline_class="StableDiffusionXLPipeline",
+    zero_empty_negative=True,
 )
 
 # The embedded base is SD1-shaped (same component layout and key naming rules), only smaller; its

@@ -1,8 +1,11 @@
 """Prompt encoding, shared by training and the sampler.
 
-Output convention (SD1 family): ``[B, L, D]`` last hidden states of the text encoder for prompts padded to
-the tokenizer's ``model_max_length`` L (77 for SD1, 32 for tiny), D = the encoder width. Same as
-diffusers' ``StableDiffusionPipeline`` (no attention mask, last layer), so images match it.
+:func:`encode_conditioning` follows the base's family record (``family.text_encoders``): each encoder's
+chosen hidden states (``last``: SD1/SD2/tiny; ``penultimate``, before the final norm: both SDXL encoders)
+for prompts padded to its tokenizer's ``model_max_length`` L (77 for SD, 32 for tiny), concatenated along
+the width (SDXL: 768 + 1280), plus the pooled projection of the encoder marked ``pooled`` (SDXL's second).
+:func:`unet_kwargs` adds the family's extra UNet inputs (SDXL's size/crop ``time_ids``). Same as diffusers'
+``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` (no attention mask), so images match them.
 
 Multi-vector textual-inversion tokens (``T`` registered together with ``T_1 .. T_{n-1}``, see
 :mod:`tuner.adapters.embedding`) are expanded here, the one place prompts are tokenized: a prompt that says
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,3 +80,84 @@ def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: Sequence[str]) ->
     device = next(text_encoder.parameters()).device
     ids = tokenize(tokenizer, prompts).to(device)
     return text_encoder(ids)[0]
+
+
+@dataclass
+class Conditioning:
+    """What a batch of prompts gives the UNet: ``embeds`` ``[B, L, D]`` (every encoder's hidden states,
+    concatenated on D) and, for families with a pooled encoder, ``pooled`` ``[B, P]``."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def to(self, *args: Any, **kwargs: Any) -> Conditioning:
+        return Conditioning(self.embeds.to(*args, **kwargs),
+                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
+
+    def row(self, i: int) -> Conditioning:
+        return Conditioning(self.embeds[i : i + 1], None if self.pooled is None else self.pooled[i : i + 1])
+
+    def zeros_like(self) -> Conditioning:
+        return Conditioning(torch.zeros_like(self.embeds), None if self.pooled is None else torch.zeros_like(self.pooled))
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        pooled = [p.pooled for p in parts]
+        return Conditioning(
+            torch.cat([p.embeds for p in parts]),
+            None if any(x is None for x in pooled) else torch.cat(pooled),  # type: ignore[arg-type]
+        )
+
+
+def encode_conditioning(base: Any, prompts: Sequence[str]) -> Conditioning:
+    """Prompt conditioning for ``base`` (a :class:`~tuner.models.base.BaseModel`), on its first text
+    encoder's device and dtype, as its family record says (module docstring). Gradients flow if enabled."""
+    hidden: list[torch.Tensor] = []
+    pooled = None
+    device = None
+    for spec in base.family.text_encoders:
+        encoder, tokenizer = getattr(base, spec.component), getattr(base, spec.tokenizer)
+        device = device or next(encoder.parameters()).device
+        ids = tokenize(tokenizer, prompts).to(next(encoder.parameters()).device)
+        penultimate = spec.hidden_layer == "penultimate"
+        out = encoder(ids, output_hidden_states=penultimate)
+        hidden.append((out.hidden_states[-2] if penultimate else out.last_hidden_state).to(device))
+        if spec.pooled:
+            pooled = out.text_embeds.to(device)
+    return Conditioning(torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0], pooled)
+
+
+def unet_kwargs(
+    family: Any,
+    cond: Conditioning,
+    *,
+    target_size: tuple[int, int],
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+    crops: Sequence[tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of the UNet's forward besides the noisy latents and the timesteps.
+
+    For a family with ``added_conditioning`` (SDXL) this adds ``added_cond_kwargs``: the pooled embedding
+    and one row of ``time_ids`` per sample, the family's parts in order (``original_size``,
+    ``crops_coords_top_left``, ``target_size``; sizes as (height, width), crops as (top, left)). Without
+    per-sample values the original size is the target size and the crop is (0, 0), as in diffusers'
+    pipeline.
+    """
+    kwargs: dict[str, Any] = {"encoder_hidden_states": cond.embeds}
+    if not family.added_conditioning:
+        return kwargs
+    if cond.pooled is None:
+        raise ValueError(f"family {family.name} needs a pooled text embedding, and the conditioning has none")
+    n = len(cond)
+    values = {
+        "original_size": list(original_sizes) if original_sizes is not None else [target_size] * n,
+        "crops_coords_top_left": list(crops) if crops is not None else [(0, 0)] * n,
+        "target_size": [target_size] * n,
+    }
+    rows = [[float(v) for part in family.added_conditioning for v in values[part][i]] for i in range(n)]
+    time_ids = torch.tensor(rows, dtype=cond.embeds.dtype, device=cond.embeds.device)
+    kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+    return kwargs

@@ -1,8 +1,10 @@
 """The built-in sampler (CLI ``tuner sample`` and training previews).
 
-Same maths as diffusers' ``StableDiffusionPipeline`` (classifier-free guidance with ``[uncond, cond]``
-batches, initial noise ``randn(generator) * init_noise_sigma`` on the CPU, output ``(x / 2 + 0.5).clamp(0, 1)``
-rounded to uint8), so with the same scheduler, seed, steps and CFG the two give the same image.
+Same maths as diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (classifier-free
+guidance with ``[uncond, cond]`` batches, initial noise ``randn(generator) * init_noise_sigma`` on the CPU,
+SDXL's pooled embedding and size/crop time ids, an empty negative prompt as zero embeds where the family
+says so, output ``(x / 2 + 0.5).clamp(0, 1)`` rounded to uint8), so with the same scheduler, seed, steps
+and CFG they give the same image.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from PIL import Image
 
 from tuner.errors import TunerError
 from tuner.models.base import BaseModel
-from tuner.models.prompts import encode_prompts
+from tuner.models.prompts import Conditioning, encode_conditioning, unet_kwargs
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
 
@@ -71,7 +73,9 @@ def sample_images(
     unet, vae = base.unet, base.vae
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     guided = settings.cfg > 1.0
-    uncond = encode_prompts(base.text_encoder, base.tokenizer, [settings.negative]) if guided else None
+    uncond = None
+    if guided and not (settings.negative == "" and base.family.zero_empty_negative):
+        uncond = encode_conditioning(base, [settings.negative]).to(dtype)
     images = []
     for prompt, seed in zip(prompts, seeds):
         scheduler = make_scheduler(settings.sampler, base.scheduler_config)
@@ -79,12 +83,14 @@ def sample_images(
         generator = torch.Generator("cpu").manual_seed(int(seed))
         shape = (1, unet.config.in_channels, height // f, width // f)
         latents = torch.randn(shape, generator=generator, dtype=dtype).to(device) * scheduler.init_noise_sigma
-        cond = encode_prompts(base.text_encoder, base.tokenizer, [prompt]).to(dtype)
-        context = torch.cat([uncond.to(dtype), cond]) if guided else cond
+        cond = encode_conditioning(base, [prompt]).to(device, dtype)
+        if guided:
+            cond = Conditioning.cat([(uncond if uncond is not None else cond.zeros_like()).to(device), cond])
+        inputs = unet_kwargs(base.family, cond, target_size=(height, width))
         for t in scheduler.timesteps:
             x = torch.cat([latents] * 2) if guided else latents
             x = scheduler.scale_model_input(x, t)
-            pred = unet(x, t, encoder_hidden_states=context).sample
+            pred = unet(x, t, **inputs).sample
             if guided:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + settings.cfg * (pred_cond - pred_uncond)

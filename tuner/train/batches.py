@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tuner.data.dataset import Batch, TrainDataset, collate
-from tuner.models.prompts import encode_prompts
+from tuner.models.prompts import Conditioning, encode_conditioning
 
 
 def batch_at(dataset: TrainDataset, micro_step: int, batch_size: int) -> Batch:
@@ -58,15 +58,15 @@ def latents_for(
     return ((mean + std * eps) * latent_scale).to(device)
 
 
-def prompt_embeds_for(
-    captions: list[str], *, text_encoder, tokenizer, cache: dict[str, torch.Tensor] | None
-) -> torch.Tensor:
-    """``[B, L, D]`` prompt embeds; with a cache (frozen text encoder) each distinct caption is encoded once."""
+def prompt_embeds_for(captions: list[str], *, base, cache: dict[str, Conditioning] | None) -> Conditioning:
+    """Prompt conditioning (:func:`~tuner.models.prompts.encode_conditioning`) of ``captions``; with a cache
+    (frozen text encoders) each distinct caption is encoded once."""
     if cache is None:
-        return encode_prompts(text_encoder, tokenizer, captions)
+        return encode_conditioning(base, captions)
     missing = [c for c in dict.fromkeys(captions) if c not in cache]
     if missing:
         with torch.no_grad():
-            for caption, emb in zip(missing, encode_prompts(text_encoder, tokenizer, missing)):
-                cache[caption] = emb
-    return torch.stack([cache[c] for c in captions])
+            encoded = encode_conditioning(base, missing)
+            for i, caption in enumerate(missing):
+                cache[caption] = encoded.row(i)
+    return Conditioning.cat([cache[c] for c in captions])

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from tuner.adapters.lora import trainable_state
 from tuner.config.load import recipe_to_dict
 from tuner.errors import TunerError
+from tuner.models.prompts import unet_kwargs
 from tuner.train.batches import batch_at, latents_for, prompt_embeds_for
 from tuner.train.caches import cache_latents, cache_prompts
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
@@ -50,19 +51,23 @@ def compute_loss(run: Run, micro_step: int, generator: torch.Generator) -> torch
     parts = [(run.dataset, run.latent_cache)]
     if run.class_dataset is not None:
         parts.append((run.class_dataset, run.class_latent_cache))
-    latents, captions = [], []
+    latents, captions, sizes, crops = [], [], [], []
     for dataset, cache in parts:
         batch = batch_at(dataset, micro_step, cfg.batch_size)
         latents.append(latents_for(
             batch, vae=base.vae, latent_scale=base.latent_scale, generator=generator, cache=cache, device=run.device,
         ))
         captions += batch.captions
+        sizes += batch.original_sizes  # SDXL's size/crop conditioning (unet_kwargs)
+        crops += batch.crop_top_left
     latents_all = torch.cat(latents)
     noisy, noise, timesteps = add_noise(latents_all, run.noise_scheduler, generator, noise_offset=cfg.noise_offset)
     target = target_for(base.prediction_type, latents_all, noise, timesteps, run.noise_scheduler)
-    embeds = prompt_embeds_for(captions, text_encoder=base.text_encoder, tokenizer=base.tokenizer, cache=run.prompt_cache)
+    cond = prompt_embeds_for(captions, base=base, cache=run.prompt_cache)
+    target_size = (noisy.shape[-2] * base.vae_scale_factor, noisy.shape[-1] * base.vae_scale_factor)
+    inputs = unet_kwargs(base.family, cond, target_size=target_size, original_sizes=sizes, crops=crops)
     with run.accelerator.autocast():
-        pred = base.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+        pred = base.unet(noisy, timesteps, **inputs).sample
     loss = diffusion_loss(
         pred, target, timesteps, run.noise_scheduler,
         prediction_type=base.prediction_type, min_snr_gamma=cfg.min_snr_gamma,

@@ -51,7 +51,7 @@ class Method:
 
 
 def _freeze(base: Any) -> None:
-    for module in (base.unet, base.vae, base.text_encoder):
+    for module in base.components.values():
         module.requires_grad_(False)
 
 
@@ -71,12 +71,13 @@ def _attach_lora(base: Any, s: AdapterSettings) -> dict[str, nn.Module]:
     )
     attach_lora(base.unet, plan, dropout=s.dropout)
     trained = {"unet": base.unet}
-    if s.train_text_encoder:
+    if s.train_text_encoder:  # every text encoder of the family (SDXL: both, as kohya does)
         te_rank = s.text_encoder_rank or s.rank
         te_alpha = s.text_encoder_alpha or s.alpha
-        te_plan = plan_ranks(base.text_encoder, text_encoder_targets(base.text_encoder), rank=te_rank, alpha=te_alpha)
-        attach_lora(base.text_encoder, te_plan, dropout=s.dropout)
-        trained["text_encoder"] = base.text_encoder
+        for component, encoder in base.text_encoders.items():
+            te_plan = plan_ranks(encoder, text_encoder_targets(encoder), rank=te_rank, alpha=te_alpha)
+            attach_lora(encoder, te_plan, dropout=s.dropout)
+            trained[component] = encoder
     return trained
 
 
@@ -95,8 +96,9 @@ def _attach_full(base: Any, s: AdapterSettings) -> dict[str, nn.Module]:
     base.unet.requires_grad_(True)
     trained = {"unet": base.unet}
     if s.train_text_encoder:
-        base.text_encoder.requires_grad_(True)
-        trained["text_encoder"] = base.text_encoder
+        for component, encoder in base.text_encoders.items():
+            encoder.requires_grad_(True)
+            trained[component] = encoder
     return trained
 
 

@@ -88,7 +88,7 @@ class Run:
     start_step: int = 0
     history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lr": []})
     latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
-    prompt_cache: dict[str, torch.Tensor] | None = None
+    prompt_cache: dict[str, Any] | None = None
     class_dataset: TrainDataset | None = None
     """Prior preservation: the class images, paired batch for batch with the instance images."""
     class_latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -308,8 +308,9 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     trained = method.attach(base, settings)
     if recipe.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-        if "text_encoder" in trained:
-            base.text_encoder.gradient_checkpointing_enable()
+        for component, encoder in base.text_encoders.items():
+            if component in trained:
+                encoder.gradient_checkpointing_enable()
     accelerator = make_accelerator(recipe.train.mixed_precision, cpu=device.type == "cpu")
     apply_memory_settings(recipe, base, autocast_active=accelerator.native_amp, log=log)
     base.to(device)

@@ -1,0 +1,69 @@
+"""SD2.x 768-v on a small random base with SD2's exact topology (tuner.models.small): the loss target is v,
+and a LoRA has kohya's SD2 names (SD1's diffusers-derived UNet names, Linear proj_in/proj_out, ``lora_te_``
+for the 23-layer OpenCLIP-H text encoder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import small_recipe
+
+from tuner.formats.io import read_header
+from tuner.models.prompts import encode_conditioning
+from tuner.models.small import small_base
+from tuner.sample.generate import LoraSpec, load_loras_for
+from tuner.train.batches import batch_at, latents_for
+from tuner.train.loop import compute_loss, train
+from tuner.train.objective import add_noise
+from tuner.train.setup import setup_run
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya_keys_canonical.json"
+TE_MODULES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+
+
+def quiet(*_):
+    pass
+
+
+def test_sd2v_trains_on_v(circles, tmp_path):
+    recipe = small_recipe(circles, tmp_path, train__batch_size=2, data__resolution=64, train__cache_latents=False)
+    run = setup_run(recipe, base=small_base("sd2v"), log=quiet)
+    assert run.base.prediction_type == "v_prediction" and run.base.family.name == "sd2v"
+    loss = compute_loss(run, 0, torch.Generator().manual_seed(5))
+
+    generator = torch.Generator().manual_seed(5)  # the same draws, in the same order, by hand
+    batch = batch_at(run.dataset, 0, 2)
+    latents = latents_for(batch, vae=run.base.vae, latent_scale=run.base.latent_scale, generator=generator,
+                          cache=None, device=run.device)
+    noisy, noise, timesteps = add_noise(latents, run.noise_scheduler, generator)
+    with torch.no_grad():
+        pred = run.base.unet(noisy, timesteps, encoder_hidden_states=encode_conditioning(run.base, batch.captions).embeds).sample
+    v = run.noise_scheduler.get_velocity(latents, noise, timesteps)
+    assert torch.allclose(loss, F.mse_loss(pred, v), rtol=1e-4)
+    assert not torch.allclose(loss, F.mse_loss(pred, noise), rtol=1e-2)
+
+
+def test_sd2_lora_has_kohya_names(circles, tmp_path):
+    if not REFERENCE.exists():
+        pytest.skip(f"{REFERENCE} is not in this checkout")
+    recipe = small_recipe(
+        circles, tmp_path, train__steps=1, train__batch_size=1, data__resolution=64, adapter__targets="kohya",
+        adapter__rank=4, adapter__train_text_encoder=True, output__save_dtype="fp32",
+    )
+    base = small_base("sd2v")
+    result = train(setup_run(recipe, base=base, log=quiet), log=quiet)
+    metadata, header = read_header(result.outputs[0])
+    sd15 = json.loads(REFERENCE.read_text())["sd15_lora"]
+    unet = {k for k in sd15 if k.startswith("lora_unet_")}
+    te = {f"lora_te_text_model_encoder_layers_{i}_{m}.{part}" for i in range(23) for m in TE_MODULES
+          for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert set(header) == unet | te and len(te) == 138 * 3
+    assert len(header["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"][1]) == 2  # Linear in SD2
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == ("sd_v2_v", "True")
+    assert metadata["modelspec.prediction_type"] in ("v", "v_prediction")
+    loaded = load_loras_for(small_base("sd2v"), [LoraSpec(result.outputs[0])])
+    assert len(loaded[0].weights.modules) == len(header) // 3
