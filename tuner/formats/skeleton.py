@@ -30,29 +30,43 @@ SD15_TEXT_CONFIG: dict[str, Any] = dict(
 
 @cache
 def family_module_keys(family_name: str) -> tuple[str, ...]:
-    """Canonical keys (``unet:...``, ``text_encoder:text_model....``) of every Linear/Conv2d of the family's
-    UNet and text encoder. :class:`TunerError` for a family without a known skeleton."""
+    """Canonical keys (``unet:...``, ``text_encoder:text_model....``, ``text_encoder_2:...``) of every
+    Linear/Conv2d of the family's UNet and text encoders. Families with shipped configs (SD2, SDXL) are
+    built from those. :class:`TunerError` for a family without a known skeleton."""
+    import transformers
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tuner.adapters.lora import candidate_keys
+    from tuner.models.families import get_family
 
-    if family_name == "tiny":
-        from tuner.models.tiny import UNET_CONFIG, text_encoder_config
-
-        unet_config: dict[str, Any] = dict(UNET_CONFIG)
-        text_config = text_encoder_config(1000, 0, 1)
-    elif family_name == "sd15":
-        unet_config, text_config = dict(SD15_UNET_CONFIG), dict(SD15_TEXT_CONFIG)
-    else:
-        raise TunerError(
-            f"family {family_name!r}: converting or merging kohya-named files needs its module names, which "
-            "tuner knows for sd15 and tiny only so far"
-        )
+    family = get_family(family_name)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    return tuple(candidate_keys({"unet": unet, "text_encoder": text_encoder}))
+        if family_name in ("tiny", "sd15"):
+            if family_name == "tiny":
+                from tuner.models.tiny import UNET_CONFIG, text_encoder_config
+
+                unet_config: dict[str, Any] = dict(UNET_CONFIG)
+                text_config = text_encoder_config(1000, 0, 1)
+            else:
+                unet_config, text_config = dict(SD15_UNET_CONFIG), dict(SD15_TEXT_CONFIG)
+            models: dict[str, torch.nn.Module] = {
+                "unet": UNet2DConditionModel(**unet_config),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
+            }
+        elif family.configs is not None:
+            from tuner.models.single_file import family_config
+
+            models = {"unet": UNet2DConditionModel.from_config(family_config(family, "unet"))}
+            for spec in family.text_encoders:
+                config = CLIPTextConfig(**family_config(family, spec.component))
+                models[spec.component] = getattr(transformers, spec.model_class)(config)
+        else:
+            raise TunerError(
+                f"family {family_name!r}: converting or merging kohya-named files needs its module names, "
+                "which tuner does not know for it"
+            )
+    return tuple(candidate_keys(models))
 
 
 def kohya_table_for(family: Family) -> dict[str, str]:
