@@ -7,50 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import small_recipe
 
 from tuner.formats.io import read_header
-from tuner.models.base import BaseModel
-from tuner.models.families import SD15
+from tuner.models.random_base import sd15_random_base
 from tuner.train.loop import train
 from tuner.train.setup import setup_run
 
 REFERENCE = Path(__file__).parent / "data" / "kohya_keys_canonical.json"
-
-SD15_UNET = dict(
-    sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
-SD15_VAE = dict(
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-
-
-def sd15_random_base() -> BaseModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tuner.models.tiny import SCHEDULER_CONFIG, build_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()  # the real CLIP vocabulary is not shipped yet; ids stay within 49408
-    tokenizer.model_max_length = 77
-    return BaseModel(
-        family=SD15,
-        unet=UNet2DConditionModel(**SD15_UNET).eval(),
-        vae=AutoencoderKL(**SD15_VAE).eval(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).eval(),
-        tokenizer=tokenizer,
-        scheduler_config=dict(SCHEDULER_CONFIG),
-        source="sd15-random",
-    )
-
 
 @pytest.mark.slow
 def test_kohya_preset_on_sd15_matches_kohya(circles, tmp_path):

@@ -1,0 +1,151 @@
+"""Peak process memory of every training method, with and without 8-bit AdamW + gradient checkpointing.
+
+Each configuration trains a few steps in its own child process (so one peak never hides another) on
+(a) the embedded tiny base at 64 px and (b) the full-size SD1.5 architecture with random weights at
+256 px, batch 1. The figure is the child's peak resident set size (``ru_maxrss``) when the last training
+step has finished: model loading, caching, class-image generation for prior preservation and the steps
+themselves are in it; the final checkpoint and export are skipped (they are I/O, not training).
+
+    python bench/memory.py                     # both bases, every method, both memory settings
+    python bench/memory.py --bases tiny        # the fast part only (about a minute)
+    python bench/memory.py --json out.json     # also write the rows
+
+CPU figures: on a GPU the same settings move the weights, gradients and optimizer states to device memory
+(``tuner plan`` predicts those); the ratios between settings carry over, the absolute numbers do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("lora", "dreambooth_lora", "dreambooth", "textual_inversion", "pivotal")
+SETTINGS = {"plain": ("adamw", False), "8bit+gc": ("adamw8bit", True)}
+BASES = {"tiny": 64, "sd15-random": 256}
+
+
+def build_recipe(base: str, method: str, setting: str, out: Path, steps: int):
+    from tuner.config.schema import Recipe
+
+    r = Recipe()
+    r.model.base = "tiny"
+    r.data.path = str(ROOT / "datasets" / ("pink" if method in ("textual_inversion", "pivotal") else "sks_star"))
+    r.data.resolution = BASES[base]
+    r.output.dir = str(out)
+    r.output.name = "bench"
+    r.train.steps = steps
+    r.train.batch_size = 1
+    r.train.checkpoint_every = 0
+    r.preview.every = 0
+    r.optim.optimizer, r.train.gradient_checkpointing = SETTINGS[setting]
+    r.adapter.method = "dreambooth" if method == "dreambooth" else method.replace("dreambooth_lora", "lora")
+    if method in ("dreambooth", "dreambooth_lora"):
+        r.prior.enabled = True
+        r.prior.class_prompts = ["a blue star on a black background"]
+        r.prior.class_dir = str(out / "class_images")
+        r.prior.num_images = 2
+        r.prior.steps = 2
+    if method in ("textual_inversion", "pivotal"):
+        r.embedding.tokens = ["<pink>"]
+        r.embedding.init_words = ["purple"]
+    return r
+
+
+def child(base: str, method: str, setting: str, steps: int) -> dict:
+    """Run one configuration in this process; returns its row."""
+    import diffusers  # noqa: F401  (the libraries' own footprint is the baseline, not the run's)
+    import transformers  # noqa: F401
+
+    import tuner.train.loop as loop
+    from tuner.plan.estimate import plan_recipe
+    from tuner.train.setup import setup_run
+
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak: dict[str, float] = {}
+
+    def stop_here(*_args, **_kwargs):  # the final checkpoint/export: record the peak instead of writing
+        peak.setdefault("rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return []
+
+    loop.save, loop.export_adapter = stop_here, stop_here
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = build_recipe(base, method, setting, Path(tmp), steps)
+        predicted = plan_recipe(recipe, family="sd15" if base == "sd15-random" else None)
+        model = None
+        if base == "sd15-random":
+            from tuner.models.random_base import sd15_random_base
+
+            model = sd15_random_base()
+        started = time.perf_counter()
+        run = setup_run(recipe, base=model, log=lambda *_: None)
+        trainable = sum(p.numel() for group in run.optimizer.param_groups for p in group["params"])
+        result = loop.train(run, log=lambda *_: None)
+    return {"base": base, "method": method, "setting": setting, "steps": steps,
+            "peak_rss_mb": round(peak["rss_mb"]), "baseline_mb": round(baseline_mb),
+            "run_mb": round(peak["rss_mb"] - baseline_mb), "plan_mb": round(predicted.total_bytes / 2**20),
+            "trainable": trainable,
+            "seconds": round(time.perf_counter() - started, 1), "final_loss": round(result.final_loss, 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bases", nargs="+", choices=tuple(BASES), default=list(BASES))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--child", nargs=3, metavar=("BASE", "METHOD", "SETTING"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print("ROW " + json.dumps(child(*args.child, args.steps)))
+        return 0
+
+    rows = []
+    env = dict(os.environ, TQDM_DISABLE="1")
+    for base in args.bases:
+        for method in args.methods:
+            for setting in SETTINGS:
+                cmd = [sys.executable, __file__, "--child", base, method, setting, "--steps", str(args.steps)]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")), None)
+                if done.returncode != 0 or line is None:
+                    print(f"{base} {method} {setting}: FAILED (exit {done.returncode})\n{done.stderr[-2000:]}")
+                    continue
+                rows.append(json.loads(line[4:]))
+                r = rows[-1]
+                print(f"  {base:12s} {method:18s} {setting:8s} {r['peak_rss_mb']:>7} MB  {r['seconds']:>6} s",
+                      flush=True)
+    print()
+    print("| base | method | trainable params | peak, AdamW (MB) | peak, AdamW8bit + grad ckpt (MB) | ratio |")
+    print("|---|---|---|---|---|---|")
+    table_rows = []
+    for base in args.bases:
+        for method in args.methods:
+            cells = {r["setting"]: r for r in rows if r["base"] == base and r["method"] == method}
+            if len(cells) != 2:
+                continue
+            a, b = cells["plain"]["peak_rss_mb"], cells["8bit+gc"]["peak_rss_mb"]
+            print(f"| {base} | {method} | {cells['plain']['trainable']:,} | {a} | {b} | {b / a:.2f} |")
+            table_rows.extend(cells.values())
+    print()
+    print("`tuner plan` against the measurement: the run's own memory is the peak minus the process's footprint")
+    print("after importing torch/diffusers/transformers (the libraries are not what plan predicts).")
+    print("| base | method | setting | run (MB) | plan, tensors (MB) | plan / run |")
+    print("|---|---|---|---|---|---|")
+    for r in table_rows:
+        print(f"| {r['base']} | {r['method']} | {r['setting']} | {r['run_mb']} | {r['plan_mb']} | "
+              f"{r['plan_mb'] / max(1, r['run_mb']):.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
