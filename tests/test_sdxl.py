@@ -139,3 +139,29 @@ def test_sdxl_lora_matches_diffusers_pipeline(sdxl_lora):
     assert np.abs(plain - reference).max() <= 2, "without a LoRA the two samplers already differ"
     assert np.abs(theirs - reference).max() > 8, "the LoRA should visibly change the image"
     assert np.abs(ours - theirs).max() <= 2
+
+
+@pytest.mark.slow
+def test_sdxl_dreambooth_writes_a_folder_and_an_extracted_lora(circles, tmp_path):
+    folder = export_base(small_base("sdxl"), tmp_path / "base")
+    recipe = small_recipe(
+        circles, tmp_path / "out", train__steps=1, train__batch_size=1, data__resolution=64, model__base=str(folder),
+        adapter__method="dreambooth", adapter__rank=4, adapter__train_text_encoder=True, optim__learning_rate=1e-3,
+    )
+    outputs = train(setup_run(recipe, log=quiet), log=quiet).outputs
+    tuned, original = load_base(str(outputs[0])), load_base(str(folder))
+    assert tuned.family is SDXL
+    q = "text_model.encoder.layers.31.self_attn.q_proj.weight"
+    assert not torch.equal(tuned.text_encoder_2.state_dict()[q], original.text_encoder_2.state_dict()[q])
+    _, header = read_header(outputs[1])
+    assert "lora_unet_input_blocks_4_1_proj_in.lora_down.weight" in header  # LDM names, as kohya
+    assert "text_encoder_2: dropped: largest |diff|" in outputs[2].read_text()  # 1 step: below min_diff
+
+
+def test_sdxl_textual_inversion_is_refused_clearly(circles, tmp_path):
+    from tuner.errors import TunerError
+
+    recipe = small_recipe(circles, tmp_path, adapter__method="textual_inversion", data__resolution=64)
+    recipe.embedding.tokens, recipe.embedding.init_words = ["white"], ["circle"]
+    with pytest.raises(TunerError, match="not supported yet"):
+        setup_run(recipe, base=small_base("sdxl"), log=quiet)

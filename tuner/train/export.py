@@ -242,21 +242,19 @@ def write_model(run: Run) -> list[Path]:
     from tuner.adapters.extract import format_report
     from tuner.models.base import BaseModel, export_base, load_base
 
+    parts = {name: run.accelerator.unwrap_model(module) for name, module in run.base.components.items()}
     tuned = BaseModel(
         family=run.base.family,
-        unet=run.accelerator.unwrap_model(run.base.unet),
-        vae=run.base.vae,
-        text_encoder=run.accelerator.unwrap_model(run.base.text_encoder),
-        tokenizer=run.base.tokenizer,
         scheduler_config=run.base.scheduler_config,
         source=str(run.out_dir / "model"),
+        **parts,
+        **run.base.tokenizers,
     )
     if run.recipe.output.model_format == "single-file":
         from tuner.models.single_file import save_single_file
 
         folder = save_single_file(
-            run.out_dir / "model.safetensors", tuned.family,
-            {"unet": tuned.unet, "vae": tuned.vae, "text_encoder": tuned.text_encoder},
+            run.out_dir / "model.safetensors", tuned.family, tuned.components,
             dtype=SAVE_DTYPES[run.recipe.output.save_dtype], prediction_type=tuned.prediction_type,
         )
     else:

@@ -106,6 +106,11 @@ def _attach_embeddings(base: Any, s: AdapterSettings, *, freeze: bool = True) ->
     """Textual inversion: new tokens whose vectors alone train; every existing row stays as it was."""
     from tuner.adapters.embedding import install_placeholders
 
+    if len(base.text_encoders) != 1:
+        raise TunerError(
+            f"textual inversion and pivotal tuning on {base.family.name} (one vector set per text encoder, "
+            "clip_l/clip_g files) are not supported yet; use adapter.method = \"lora\" or \"dreambooth\""
+        )
     if freeze:
         _freeze(base)
     module = None
