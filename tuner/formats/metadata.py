@@ -118,7 +118,9 @@ def build_lora_metadata(
         }
     )
     optional = {
-        "modelspec.prediction_type": prediction_type,
+        # ModelSpec spells the two kinds `epsilon` and `v` (diffusers' scheduler says `v_prediction`).
+        "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction_type, prediction_type)
+        if prediction_type else None,
         "modelspec.trigger_phrase": ", ".join(trigger_words) or None,
         "modelspec.description": description,
         "modelspec.author": author,
