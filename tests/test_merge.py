@@ -133,3 +133,34 @@ def test_merge_errors_and_cli(two_loras, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rel. error" in out and "svd rank 3" in out
     assert main(["merge", "--base", "tiny", "--lora", str(pa), "--rank", "3", "--out", str(tmp_path / "d")]) == 2
+
+
+def test_merge_into_a_single_file_checkpoint(tmp_path):
+    """--format single-file: one LDM-layout file that loads back (as A1111/ComfyUI read it) to exactly the
+    merged weights. The tiny base has no LDM layout, so a small SD1.5 topology."""
+    from tuner.models.families import SD15
+    from tuner.models.small import small_base
+
+    merged = small_base("sd15")
+    key = "unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    name = key.split(":", 1)[1]
+    before = merged.unet.get_submodule(name).weight.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    modules = {key: LoraModule(torch.randn(4, before.shape[1], generator=g),
+                               torch.randn(before.shape[0], 4, generator=g), 4.0)}
+    lora = tmp_path / "l.safetensors"
+    save_lora(lora, LoraWeights(modules), SD15, dtype=torch.float32,
+              metadata=build_lora_metadata(family=SD15, rank=4, alpha=4.0, output_name="l"))
+    path, count = merge_into_base("unused", [MergeInput(lora, 0.7)], tmp_path / "merged.safetensors",
+                                  single_file=True, dtype=None, base=merged)
+    assert count == 1
+    from_file = load_base(str(path))
+    assert from_file.family.name == "sd15"
+    assert not torch.equal(from_file.unet.get_submodule(name).weight, before)  # the LoRA is in it
+    for component in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(merged, component).state_dict(), getattr(from_file, component).state_dict()
+        for n, tensor in theirs.items():
+            assert torch.equal(tensor, ours[n]), f"{component}.{n}"
+    with pytest.raises(TunerError, match="writes one .safetensors file"):
+        merge_into_base("tiny", [MergeInput(lora, 1.0)], tmp_path / "folder", single_file=True)
+    assert main(["merge", "--lora", str(lora), "--format", "single-file", "--out", str(tmp_path / "x.safetensors")]) == 2

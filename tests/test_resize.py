@@ -93,3 +93,32 @@ def test_cli_resize_prints_the_worst_modules(lora_file, tmp_path, capsys):
     new, _ = read_safetensors(out)
     assert new[f"{LIN}.lora_down.weight"].shape == (1, 24) and new[f"{CONV}.lora_down.weight"].shape == (2, 8, 3, 3)
     assert main(["resize", str(tmp_path / "missing.safetensors"), "--rank", "1", "--out", str(out)]) == 2
+
+
+def test_lower_ranks_change_the_images_as_much_as_the_reported_error_says(trained_run, tmp_path):
+    """A trained LoRA resized to its own rank draws the same image; lower ranks report more lost energy and
+    draw images further from the original, in that order."""
+    from tuner.models.base import load_base
+    from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
+    from tuner.sample.sampler import SampleSettings, sample_images
+
+    source = trained_run[1].outputs[0]
+    rank = int(read_safetensors(source)[1]["ss_network_dim"])
+
+    def image(lora):
+        base = load_base("tiny")
+        if lora is not None:
+            apply_loras(base, load_loras_for(base, [LoraSpec(lora)]), merge=True)
+        img = sample_images(base, ["a large red circle on a blue background"], [0], SampleSettings(steps=8))[0]
+        return torch.tensor(list(img.getdata()), dtype=torch.float32)
+
+    original = image(source)
+    lost, moved = [], []
+    for r in (rank, 2, 1):
+        result = resize_file(source, tmp_path / f"r{r}.safetensors", rank=r, dtype=torch.float32)
+        lost.append(1 - min(m.retained for m in result.modules))
+        moved.append(float((image(tmp_path / f"r{r}.safetensors") - original).abs().mean()))
+    assert lost[0] < 1e-5 and moved[0] <= 0.5  # full rank: lossless, the same picture (mean < 0.5/255)
+    assert lost[0] < lost[1] < lost[2]
+    assert moved[0] < moved[1] <= moved[2] and moved[2] > 1.0  # visibly different, more so at rank 1
+    assert float((image(None) - original).abs().mean()) > moved[2]  # still closer than no LoRA at all

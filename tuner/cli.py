@@ -238,10 +238,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.base:
         if args.rank or args.conv_rank:
             raise TunerError("merge: --rank/--conv-rank make one LoRA from several; they do not apply with --base")
-        folder, modules = merge_into_base(args.base, inputs, args.out, lenient=args.lenient)
-        print(f"merged {len(inputs)} LoRA file(s) ({modules} modules) into {args.base}; wrote diffusers folder "
-              f"{folder} (--base {folder} works everywhere)")
+        import torch
+
+        single = args.format == "single-file"
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+        written, modules = merge_into_base(args.base, inputs, args.out, lenient=args.lenient, single_file=single,
+                                           dtype=dtypes[args.save_dtype or "fp16"])
+        kind = "single-file checkpoint (LDM layout)" if single else "diffusers folder"
+        print(f"merged {len(inputs)} LoRA file(s) ({modules} modules) into {args.base}; wrote {kind} {written} "
+              f"(--base {written} works everywhere)")
         return 0
+    if args.format == "single-file":
+        raise TunerError("merge: --format single-file needs --base (it writes a whole model)")
     result = merge_loras(inputs, args.out, rank=args.rank, conv_rank=args.conv_rank, family=args.family,
                          dtype=args.save_dtype, lenient=args.lenient)
     print(format_merge_report(result))
@@ -456,13 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge LoRAs into a base model, or several LoRAs into one")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
                    help="LoRA file and ratio (repeatable)")
-    p.add_argument("--base", help="merge into this base ('tiny' or a diffusers folder) and write a diffusers folder")
+    p.add_argument("--base", help="merge into this base ('tiny', a diffusers folder or a single file) and write "
+                   "the whole model")
+    p.add_argument("--format", choices=("diffusers", "single-file"), default="diffusers",
+                   help="with --base: a diffusers folder, or one LDM-layout .safetensors for A1111/ComfyUI "
+                        "(in --save-dtype, default fp16)")
     p.add_argument("--rank", type=int, help="without --base: re-factor the merged LoRA to this rank by SVD "
                    "(default: concatenate ranks, exact)")
     p.add_argument("--conv-rank", type=int, help="with --rank: rank of 3x3 conv modules (default: --rank)")
     p.add_argument("--family", help="without --base: model family of the files (default: detected)")
     p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"),
-                   help="without --base: default the inputs' dtype (fp32 if they differ)")
+                   help="without --base: default the inputs' dtype (fp32 if they differ); with --format "
+                        "single-file: default fp16")
     p.add_argument("--lenient", action="store_true", help="skip (and count) keys that fit no module")
     p.add_argument("--out", required=True, help="output folder (with --base) or .safetensors file")
     p.set_defaults(func=cmd_merge)

@@ -31,6 +31,7 @@ from tuner.errors import TunerError
 from tuner.formats.io import SAVE_DTYPES, save_safetensors
 from tuner.formats.kohya import to_kohya_state_dict
 from tuner.formats.metadata import build_lora_metadata, finalize_lora_file
+from tuner.models.base import BaseModel
 from tuner.models.families import Family
 
 
@@ -54,23 +55,37 @@ class MergeInput:
 
 
 def merge_into_base(
-    base_spec: str, inputs: Sequence[MergeInput], out_dir: str | os.PathLike[str], *, lenient: bool = False
+    base_spec: str, inputs: Sequence[MergeInput], out: str | os.PathLike[str], *, lenient: bool = False,
+    single_file: bool = False, dtype: torch.dtype | None = torch.float16, base: BaseModel | None = None,
 ) -> tuple[Path, int]:
-    """Load ``base_spec`` (``tiny`` or a diffusers folder), merge every input at its ratio, write the
-    result as a diffusers folder ``out_dir`` (new or empty). Returns the folder and the modules merged."""
+    """Load ``base_spec`` (``tiny``, a diffusers folder or a single file), merge every input at its ratio and
+    write the result: a diffusers folder ``out`` (new or empty), or with ``single_file`` one LDM-layout
+    ``.safetensors`` that A1111 and ComfyUI load (tensors in ``dtype``; None keeps fp32). Returns the path
+    and the number of modules merged. ``base``: an already loaded base to merge into instead (it is changed)."""
     from tuner.models.base import export_base, load_base
     from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
 
     if not inputs:
         raise TunerError("merge: give at least one --lora FILE[:RATIO]")
     _check_inputs(inputs)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = Path(out)
+    if single_file:
+        if out.suffix.lower() != ".safetensors":
+            raise TunerError(f"merge: --format single-file writes one .safetensors file; '{out}' is not one")
+        if out.exists():
+            raise TunerError(f"merge: '{out}' exists; pass a new file name")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TunerError(f"merge: output folder '{out}' exists and is not empty; pass a new folder")
-    base = load_base(base_spec)
+    base = base if base is not None else load_base(base_spec)
     loaded = load_loras_for(base, [LoraSpec(i.path, i.ratio) for i in inputs], lenient=lenient)
     apply_loras(base, loaded, merge=True)
-    return export_base(base, out), sum(len(lo.weights.modules) for lo in loaded)
+    modules = sum(len(lo.weights.modules) for lo in loaded)
+    if single_file:
+        from tuner.models.single_file import save_single_file
+
+        return save_single_file(out, base.family, base.components, dtype=dtype,
+                                prediction_type=base.prediction_type), modules
+    return export_base(base, out), modules
 
 
 def concat_loras(items: Sequence[tuple[LoraWeights, float]]) -> LoraWeights:
