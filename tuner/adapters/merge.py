@@ -44,14 +44,11 @@ class MergeInput:
 
     @classmethod
     def parse(cls, text: str) -> MergeInput:
-        """``FILE`` or ``FILE:RATIO`` (the part after the last ``:`` is a ratio only if it is a number)."""
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                return cls(Path(head), float(tail))
-            except ValueError:
-                pass
-        return cls(Path(text))
+        """``FILE`` or ``FILE:RATIO``, read as ``tuner sample --lora`` reads ``FILE:SCALE``."""
+        from tuner.sample.generate import LoraSpec
+
+        spec = LoraSpec.parse(text)
+        return cls(spec.path, spec.scale)
 
 
 def merge_into_base(

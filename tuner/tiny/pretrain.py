@@ -143,6 +143,30 @@ class _Clock:
         return time.monotonic() > self.deadline
 
 
+def _step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, step: int, bar) -> int:
+    """One optimizer step on ``loss`` (gradients clipped to norm 1); returns the new step count."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.update()
+    return step + 1
+
+
+def _checkpoint(path: Path, model, opt, rng, step: int, total: int, s: PretrainSettings, clock: _Clock, bar, log,
+                stage: str) -> bool:
+    """Save the stage's state when due; True when the time limit pauses the stage here."""
+    if step % s.checkpoint_every == 0 or step == total or clock.out():
+        _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
+                     "step": step})
+        if clock.out() and step < total:
+            bar.close()
+            log(f"{stage}: time limit reached at step {step}; run again to continue")
+            return True
+    return False
+
+
 def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: _Clock, log=print):
     """Stage 1. Returns the trained VAE, or None when the time limit stopped it (checkpoint saved)."""
     from diffusers import AutoencoderKL
@@ -179,20 +203,9 @@ def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: 
         recon = vae.decode(z).sample
         kl = dist.kl().mean() / x[0].numel()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + s.vae_kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.update()
-        if step % s.checkpoint_every == 0 or step == s.vae_steps or clock.out():
-            _save(out / STATE_VAE, {"model": vae.state_dict(), "optimizer": opt.state_dict(),
-                                    "rng": rng.bit_generator.state, "step": step})
-            if clock.out() and step < s.vae_steps:
-                bar.close()
-                log(f"VAE: time limit reached at step {step}; run again to continue")
-                return None
+        step = _step(opt, list(vae.parameters()), loss, step, bar)
+        if _checkpoint(out / STATE_VAE, vae, opt, rng, step, s.vae_steps, s, clock, bar, log, "VAE"):
+            return None
     bar.close()
     with torch.no_grad():
         lat = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
@@ -375,20 +388,9 @@ def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], 
         recon = vae.decode(z).sample
         x = torch.cat([pixels[idx], extra])
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        step += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.update()
-        if step % s.checkpoint_every == 0 or step == s.decoder_steps or clock.out():
-            _save(out / STATE_DECODER, {"model": vae.state_dict(), "optimizer": opt.state_dict(),
-                                        "rng": rng.bit_generator.state, "step": step})
-            if clock.out() and step < s.decoder_steps:
-                bar.close()
-                log(f"decoder: time limit reached at step {step}; run again to continue")
-                return None
+        step = _step(opt, trainable, loss, step, bar)
+        if _checkpoint(out / STATE_DECODER, vae, opt, rng, step, s.decoder_steps, s, clock, bar, log, "decoder"):
+            return None
     bar.close()
     vae.requires_grad_(False).eval()
     vae.save_pretrained(done)
