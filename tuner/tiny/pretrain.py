@@ -154,6 +154,24 @@ def _step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Te
     return step + 1
 
 
+def _resume(path: Path, model, opt, rng, log, stage: str) -> int:
+    """Load a stage's saved state (the twin of :func:`_checkpoint`); returns the step to continue from."""
+    state = _load(path)
+    if not state:
+        return 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = state["rng"]
+    log(f"{stage}: resumed at step {state['step']}")
+    return int(state["step"])
+
+
+def _latent_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen encoder's posterior mean and std of every image (chunks of 256), computed once per stage."""
+    moments = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
+    return torch.cat([d.mean for d in moments]), torch.cat([d.std for d in moments])
+
+
 def _checkpoint(path: Path, model, opt, rng, step: int, total: int, s: PretrainSettings, clock: _Clock, bar, log,
                 stage: str) -> bool:
     """Save the stage's state when due; True when the time limit pauses the stage here."""
@@ -180,14 +198,7 @@ def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: 
     vae = AutoencoderKL(**VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(s.seed)
-    step = 0
-    state = _load(out / STATE_VAE)
-    if state:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["rng"]
-        step = state["step"]
-        log(f"VAE: resumed at step {step}")
+    step = _resume(out / STATE_VAE, vae, opt, rng, log, "VAE")
     pixels = _pixels(scenes)
     gen = torch.Generator().manual_seed(s.seed + step)
     bar = tqdm(total=s.vae_steps, initial=step, desc="VAE", unit="step", dynamic_ncols=True)
@@ -208,7 +219,7 @@ def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: 
             return None
     bar.close()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        lat = _latent_moments(vae, pixels)[0]
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     vae.save_pretrained(final)
     log(f"VAE: done, scaling factor {vae.config.scaling_factor:.4f}")
@@ -247,9 +258,7 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
         log(f"UNet: resumed at step {step}")
     with torch.no_grad():
         pixels = _pixels(scenes)
-        moments = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
-        mean = torch.cat([d.mean for d in moments])
-        std = torch.cat([d.std for d in moments])
+        mean, std = _latent_moments(vae, pixels)
     scale = float(vae.config.scaling_factor)
     unet.train()
     te.train()
@@ -356,19 +365,10 @@ def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], 
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=s.decoder_lr, weight_decay=0.0)
     rng = np.random.default_rng(s.seed + 3)
-    step = 0
-    state = _load(out / STATE_DECODER)
-    if state:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["rng"]
-        step = state["step"]
-        log(f"decoder: resumed at step {step}")
+    step = _resume(out / STATE_DECODER, vae, opt, rng, log, "decoder")
     with torch.no_grad():
         pixels = _pixels(scenes)
-        moments = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
-        mean = torch.cat([d.mean for d in moments])
-        std = torch.cat([d.std for d in moments])
+        mean, std = _latent_moments(vae, pixels)
     gen = torch.Generator().manual_seed(s.seed + 4 + step)
     vae.decoder.train()
     bar = tqdm(total=s.decoder_steps, initial=step, desc="decoder", unit="step", dynamic_ncols=True)
