@@ -2,8 +2,8 @@
 
 * **Into the base** (:func:`merge_into_base`): each file's delta, times its ratio, is added to the
   weights (the sampler's own merge: ``W + ratio * alpha/r * up @ down``, LoHa/LoKr/DoRA deltas likewise),
-  and the result is written as a diffusers folder. Its images equal sampling the base with the LoRAs
-  applied at those ratios.
+  and the result is written as a diffusers folder or one LDM-layout file. Its images equal sampling the
+  base with the LoRAs applied at those ratios.
 * **LoRA + LoRA by concatenation** (:func:`concat_loras`): per module, ``down = cat(down_i)`` (rows) and
   ``up = cat(c_i / s * up_i)`` (columns) with ``c_i = ratio_i * alpha_i / r_i``, ``s = |c_1|`` (the first
   file's) and ``alpha = s * sum(r_i)``. Then ``alpha/R * up @ down = sum_i c_i * up_i @ down_i``: the sum
@@ -31,7 +31,7 @@ from tuner.errors import TunerError
 from tuner.formats.io import SAVE_DTYPES, save_safetensors
 from tuner.formats.kohya import to_kohya_state_dict
 from tuner.formats.metadata import build_lora_metadata, finalize_lora_file
-from tuner.models.base import BaseModel
+from tuner.models.base import BaseModel, export_base, load_base
 from tuner.models.families import Family
 
 
@@ -59,7 +59,6 @@ def merge_into_base(
     write the result: a diffusers folder ``out`` (new or empty), or with ``single_file`` one LDM-layout
     ``.safetensors`` that A1111 and ComfyUI load (tensors in ``dtype``; None keeps fp32). Returns the path
     and the number of modules merged. ``base``: an already loaded base to merge into instead (it is changed)."""
-    from tuner.models.base import export_base, load_base
     from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
 
     if not inputs:
