@@ -155,11 +155,3 @@ def test_sdxl_dreambooth_writes_a_folder_and_an_extracted_lora(circles, tmp_path
     assert "lora_unet_input_blocks_4_1_proj_in.lora_down.weight" in header  # LDM names, as kohya
     assert "text_encoder_2: dropped: largest |diff|" in outputs[2].read_text()  # 1 step: below min_diff
 
-
-def test_sdxl_textual_inversion_is_refused_clearly(circles, tmp_path):
-    from tuner.errors import TunerError
-
-    recipe = small_recipe(circles, tmp_path, adapter__method="textual_inversion", data__resolution=64)
-    recipe.embedding.tokens, recipe.embedding.init_words = ["white"], ["circle"]
-    with pytest.raises(TunerError, match="not supported yet"):
-        setup_run(recipe, base=small_base("sdxl"), log=quiet)

@@ -113,7 +113,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from tuner.models.base import load_base
+    from tuner.models.base import check_base_spec, load_base
     from tuner.sample.generate import (
         EmbeddingSpec,
         LoraSpec,
@@ -139,7 +139,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for spec in specs:  # before the (slow) base load
         if not spec.path.is_file():
             raise TunerError(f"LoRA file '{spec.path}' does not exist")
-    embeddings = read_embeddings([EmbeddingSpec.parse(s) for s in args.embedding or ()])  # fail fast too
+    family = check_base_spec(args.base, prediction_type=args.prediction_type) if args.embedding else None
+    embeddings = read_embeddings([EmbeddingSpec.parse(s) for s in args.embedding or ()], family)  # fail fast too
     base = load_base(args.base, prediction_type=args.prediction_type)
     for note in base.notes:
         print(f"NOTE: {note}")

@@ -15,10 +15,15 @@ Two ways in:
 * :func:`install_placeholders` (training): the token-embedding module is replaced by a
   :class:`PlaceholderEmbedding` whose only trainable tensor is ``rows``; every original row stays
   bit-identical because it is never in the optimizer's reach.
+
+A family with two text encoders (SDXL) registers the same token in both, each with vectors of its own width
+(``clip_l`` / ``clip_g`` in files): :func:`add_embedding_to_base` for sampling; for training one placeholder
+module per encoder, trained as components ``embedding`` and ``embedding_2`` (:func:`placeholder_component`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,11 +45,25 @@ def add_embedding(
     """Register ``token`` (and ``token_1 ...`` for several vectors) and write ``vectors`` ``[n, D]`` into
     the new rows of the text encoder's resized input embeddings. Returns the new ids, in order.
 
-    Nothing is changed unless every check passes; each failure is a :class:`TunerError` (``source``, e.g.
-    the file name, is named in it): ``vectors`` not 2-D; ``D`` not the encoder's hidden size (both widths
-    and the family each implies are named); ``token`` empty or containing whitespace; ``token`` or one of
-    its names already a token of the vocabulary; placeholders already installed (add files first).
+    Nothing is changed unless every check passes (:func:`check_embedding`).
     """
+    check_embedding(tokenizer, text_encoder, token, vectors, source=source)
+    ids = _add_tokens(tokenizer, token_names(token, int(vectors.shape[0])))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids] = vectors.detach().to(device=weight.device, dtype=weight.dtype)
+    return ids
+
+
+def check_embedding(
+    tokenizer: Any, text_encoder: Any, token: str, vectors: torch.Tensor, *, source: str | None = None
+) -> None:
+    """What :func:`add_embedding` checks before changing anything; each failure is a :class:`TunerError`
+    (``source``, e.g. the file name, is named in it): ``vectors`` not 2-D; ``D`` not the encoder's hidden
+    size (both widths and the family each implies are named); ``token`` empty or containing whitespace;
+    ``token`` or one of its names already a token of the vocabulary; placeholders already installed (add
+    files first)."""
     where = f"{source}: " if source else ""
     if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2:
         shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
@@ -56,14 +75,40 @@ def add_embedding(
             "text encoder; add embedding files before installing placeholders"
         )
     _check_width(embedding.embedding_dim, int(vectors.shape[1]), token, where)
-    names = token_names(token, int(vectors.shape[0]))
-    _check_new_tokens(tokenizer, names, where)
-    ids = _add_tokens(tokenizer, names)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    weight = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        weight[ids] = vectors.detach().to(device=weight.device, dtype=weight.dtype)
-    return ids
+    _check_new_tokens(tokenizer, token_names(token, int(vectors.shape[0])), where)
+
+
+def check_embedding_family(family: Any, vectors: Mapping[str, torch.Tensor], *, source: str | None = None) -> None:
+    """:class:`TunerError` unless ``vectors`` has exactly the keys of ``family``'s embedding files
+    (``family.embedding_keys``): an SDXL file on a one-encoder base or the reverse, named in words."""
+    if set(vectors) == set(family.embedding_keys):
+        return
+    where = f"{source}: " if source else ""
+    kind = ("an SDXL embedding (clip_l + clip_g vectors)" if {"clip_l", "clip_g"} <= set(vectors)
+            else "a one-text-encoder embedding (SD1.x/SD2.x style)" if len(vectors) == 1
+            else f"an embedding with vectors {', '.join(sorted(vectors))}")
+    want = " + ".join(family.embedding_keys)
+    raise TunerError(
+        f"{where}this is {kind}, but the base is {family.description}, whose embeddings hold {want} vectors. "
+        "Use an embedding trained for this family."
+    )
+
+
+def add_embedding_to_base(base: Any, token: str, vectors: Mapping[str, torch.Tensor], *, source: str | None = None) -> None:
+    """Register ``token`` in every text encoder of ``base`` (a :class:`~tuner.models.base.BaseModel`) with
+    the vectors its family's ``embedding_key`` names (``{"text_encoder": [n, D]}``; SDXL:
+    ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``, as the file holds them). Every encoder is checked before
+    any is changed, so a failure leaves the base as it was: :class:`TunerError` when the keys are not the
+    family's (an SDXL file on a one-encoder base or the reverse, naming both) or any
+    :func:`check_embedding` check fails."""
+    family = base.family
+    check_embedding_family(family, vectors, source=source)
+    pairs = [(getattr(base, spec.tokenizer), getattr(base, spec.component), vectors[spec.embedding_key])
+             for spec in family.text_encoders]
+    for tokenizer, encoder, rows in pairs:
+        check_embedding(tokenizer, encoder, token, rows, source=source)
+    for tokenizer, encoder, rows in pairs:
+        add_embedding(tokenizer, encoder, token, rows, source=source)
 
 
 def _check_width(expected: int, width: int, token: str, where: str) -> None:
@@ -177,6 +222,12 @@ class PlaceholderEmbedding(nn.Module):
             return out
         extra = nn.functional.embedding((input_ids - self.first_new_id).clamp(min=0), self.rows)
         return torch.where(new.unsqueeze(-1), extra.to(out.dtype), out)
+
+
+def placeholder_component(text_encoder_component: str) -> str:
+    """The trained-component name of the placeholder rows in a text encoder: ``text_encoder`` ->
+    ``embedding``, ``text_encoder_2`` -> ``embedding_2`` (checkpoints and the optimizer's groups use it)."""
+    return text_encoder_component.replace("text_encoder", "embedding", 1)
 
 
 def install_placeholders(

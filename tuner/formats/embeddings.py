@@ -307,12 +307,25 @@ def _check_vectors(vectors: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def save_kohya_embedding(
-    path: str | os.PathLike[str], vectors: torch.Tensor, metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    vectors: torch.Tensor | Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``{"emb_params": vectors}`` (kohya's SD1/SD2 layout; dtype as given) with ``metadata``
-    (normally :func:`build_embedding_metadata`'s; strings only), atomically. A1111, ComfyUI and kohya
-    load it by file name, so name the file after the trigger word."""
-    save_safetensors(path, {"emb_params": _check_vectors(vectors, str(path))}, metadata)
+    """Write kohya's layout with ``metadata`` (normally :func:`build_embedding_metadata`'s; strings only),
+    atomically, dtype as given: ``{"emb_params": vectors}`` for a ``[n, D]`` tensor (SD1/SD2), or
+    ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` for an SDXL mapping with exactly those keys (kohya's
+    ``sdxl_train_textual_inversion.py``, read by A1111 and ComfyUI). A1111, ComfyUI and kohya load it by
+    file name, so name the file after the trigger word."""
+    if isinstance(vectors, torch.Tensor):
+        save_safetensors(path, {"emb_params": _check_vectors(vectors, str(path))}, metadata)
+        return
+    if set(vectors) != set(SDXL_KEYS):
+        raise ValueError(f"{path}: an SDXL embedding has exactly the vectors {SDXL_KEYS}, got {sorted(vectors)}")
+    tensors = {k: _check_vectors(vectors[k], f"{path} ({k})") for k in SDXL_KEYS}
+    if tensors["clip_l"].shape[0] != tensors["clip_g"].shape[0]:
+        raise ValueError(f"{path}: clip_l and clip_g must hold the same number of vectors, got "
+                         f"{tensors['clip_l'].shape[0]} and {tensors['clip_g'].shape[0]}")
+    save_safetensors(path, tensors, metadata)
 
 
 def save_diffusers_embedding(path: str | os.PathLike[str], token: str, vectors: torch.Tensor) -> None:
@@ -346,8 +359,16 @@ def save_a1111_pt(
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def bundle_keys(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{"bundle_emb.<token>.string_to_param.*": vectors}``: the keys that put an SD1/SD2 embedding into
-    an A1111 LoRA bundle (FORMATS.md §5). diffusers refuses files with these keys, so ship bundles as an
-    extra export beside the plain LoRA."""
-    return {f"{_BUNDLE}{token}.string_to_param.*": _check_vectors(vectors, f"bundle '{token}'")}
+def bundle_keys(token: str, vectors: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys that put an embedding into an A1111 LoRA bundle (FORMATS.md §5): for an SD1/SD2 ``[n, D]``
+    tensor (or ``{SINGLE_KEY: tensor}``) ``bundle_emb.<token>.string_to_param.*``; for SDXL's
+    ``{"clip_l", "clip_g"}`` ``bundle_emb.<token>.clip_l`` and ``.clip_g`` (A1111 reads a bundled dict as it
+    reads a file). diffusers refuses files with these keys, so ship bundles as an extra export beside the
+    plain LoRA."""
+    if isinstance(vectors, Mapping) and set(vectors) == {SINGLE_KEY}:
+        vectors = vectors[SINGLE_KEY]
+    if isinstance(vectors, torch.Tensor):
+        return {f"{_BUNDLE}{token}.string_to_param.*": _check_vectors(vectors, f"bundle '{token}'")}
+    if set(vectors) != set(SDXL_KEYS):
+        raise ValueError(f"bundle '{token}': expected a tensor or the vectors {SDXL_KEYS}, got {sorted(vectors)}")
+    return {f"{_BUNDLE}{token}.{k}": _check_vectors(vectors[k], f"bundle '{token}' ({k})") for k in SDXL_KEYS}

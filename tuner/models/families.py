@@ -26,6 +26,8 @@ class TextEncoderSpec:
     ``ldm_prefix`` / ``ldm_format``: where its weights sit in an original (LDM) single-file checkpoint and in
     which layout: ``"clip"`` (HF CLIP names under the prefix) or ``"openclip"`` (OpenCLIP ``resblocks``
     with fused q/k/v).
+    ``embedding_key``: the key of its vectors in a textual-inversion file (FORMATS.md §4): ``text_encoder``
+    for one-encoder families (written as kohya's ``emb_params``), ``clip_l`` / ``clip_g`` for SDXL's two.
     """
 
     component: str
@@ -37,6 +39,7 @@ class TextEncoderSpec:
     tokenizer: str = "tokenizer"
     ldm_prefix: str = "cond_stage_model.transformer."
     ldm_format: str = "clip"
+    embedding_key: str = "text_encoder"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,12 @@ class Family:
         table = {"unet": "lora_unet"}
         table.update({te.component: te.kohya_prefix for te in self.text_encoders})
         return table
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...]:
+        """The vector keys of this family's textual-inversion files, in encoder order (``text_encoder``;
+        SDXL: ``clip_l``, ``clip_g``)."""
+        return tuple(te.embedding_key for te in self.text_encoders)
 
 
 SD15 = Family(
@@ -147,11 +156,11 @@ SDXL = Family(
     resolution=1024,
     text_encoders=(
         TextEncoderSpec("text_encoder", "lora_te1", 768, hidden_layer="penultimate",
-                        ldm_prefix="conditioner.embedders.0.transformer."),
+                        ldm_prefix="conditioner.embedders.0.transformer.", embedding_key="clip_l"),
         TextEncoderSpec(
             "text_encoder_2", "lora_te2", 1280, hidden_layer="penultimate", pooled=True,
             model_class="CLIPTextModelWithProjection", tokenizer="tokenizer_2",
-            ldm_prefix="conditioner.embedders.1.model.", ldm_format="openclip",
+            ldm_prefix="conditioner.embedders.1.model.", ldm_format="openclip", embedding_key="clip_g",
         ),
     ),
     unet_naming="ldm",

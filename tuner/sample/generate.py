@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.adapters.embedding import add_embedding
+from tuner.adapters.embedding import add_embedding_to_base, check_embedding_family
 from tuner.adapters.lora import attach_lora_file, candidate_keys, check_shapes, merge_lora
 from tuner.adapters.types import LoraWeights
 from tuner.errors import TunerError
@@ -15,6 +15,7 @@ from tuner.formats.embeddings import EmbeddingData, file_short_hash, read_embedd
 from tuner.formats.kohya import kohya_name_table
 from tuner.formats.lorafile import load_lora
 from tuner.models.base import BaseModel
+from tuner.models.families import Family
 from tuner.sample.png import infotext, save_png
 from tuner.sample.sampler import SampleSettings, grid, sample_images
 
@@ -94,18 +95,15 @@ class LoadedEmbedding:
         return self.data.token
 
 
-def read_embeddings(specs: Sequence[EmbeddingSpec]) -> list[LoadedEmbedding]:
+def read_embeddings(specs: Sequence[EmbeddingSpec], family: Family | None = None) -> list[LoadedEmbedding]:
     """Read every embedding file (before the slow base load, so a bad file fails fast); TOKEN overrides
-    the file's token. SDXL (``clip_l``/``clip_g``) files are a :class:`TunerError` until the SDXL family
-    lands, as are two files registering the same token."""
+    the file's token. Two files registering the same token are a :class:`TunerError`, and so is, when the
+    base's ``family`` is given, a file for another kind of base (an SDXL file on SD1 or the reverse)."""
     loaded: list[LoadedEmbedding] = []
     for spec in specs:
         data = read_embedding(spec.path, spec.token)
-        if data.is_sdxl:
-            raise TunerError(
-                f"{spec.path}: this is an SDXL embedding (clip_l + clip_g vectors); SDXL embeddings will be "
-                "supported together with the SDXL families. Only SD1-style bases can be sampled now."
-            )
+        if family is not None:
+            check_embedding_family(family, data.vectors, source=str(spec.path))
         if any(other.token == data.token for other in loaded):
             raise TunerError(f"{spec.path}: token '{data.token}' is already used by another --embedding; "
                              "give one of them another token with FILE:TOKEN")
@@ -114,15 +112,11 @@ def read_embeddings(specs: Sequence[EmbeddingSpec]) -> list[LoadedEmbedding]:
 
 
 def apply_embeddings(base: BaseModel, embeddings: Sequence[LoadedEmbedding]) -> None:
-    """Register each embedding's token(s) in the base's tokenizer and write its vectors into the text
-    encoder (:func:`~tuner.adapters.embedding.add_embedding`; width and clashes are checked there)."""
-    if not embeddings:
-        return
-    if len(base.text_encoders) != 1:
-        raise TunerError(f"embeddings are supported on one-text-encoder bases only, not {base.family.name}")
+    """Register each embedding's token(s) in every tokenizer of the base and write its vectors into each
+    text encoder (SDXL: ``clip_l`` into ``text_encoder``, ``clip_g`` into ``text_encoder_2``;
+    :func:`~tuner.adapters.embedding.add_embedding_to_base`, where family, width and clashes are checked)."""
     for emb in embeddings:
-        (vectors,) = emb.data.vectors.values()
-        add_embedding(base.tokenizer, base.text_encoder, emb.token, vectors, source=str(emb.spec.path))
+        add_embedding_to_base(base, emb.token, emb.data.vectors, source=str(emb.spec.path))
 
 
 def generate(

@@ -182,14 +182,21 @@ def write_lora(run: Run) -> list[Path]:
 
         tensors = to_kohya_state_dict(weights, run.base.family, dtype=dtype)
         for token in run.adapter.tokens:
-            tensors.update(bundle_keys(token, embedding_module(run).vectors(token).to(dtype)))
+            tensors.update(bundle_keys(token, {k: v.to(dtype) for k, v in token_vectors(run, token).items()}))
         paths.append(out / f"{name}.bundle.safetensors")
         save_safetensors(paths[-1], tensors, finalize_lora_file(tensors, metadata))
     return paths
 
 
-def embedding_module(run: Run):
-    return run.accelerator.unwrap_model(run.trained["embedding"])
+def token_vectors(run: Run, token: str) -> dict[str, torch.Tensor]:
+    """``token``'s learned vectors (fp32, CPU) by the family's embedding-file key: ``{"text_encoder": [n, D]}``,
+    or for SDXL ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``."""
+    from tuner.adapters.embedding import placeholder_component
+
+    return {
+        spec.embedding_key: run.accelerator.unwrap_model(run.trained[placeholder_component(spec.component)]).vectors(token)
+        for spec in run.base.family.text_encoders
+    }
 
 
 def embedding_stem(token: str) -> str:
@@ -200,26 +207,29 @@ def embedding_stem(token: str) -> str:
 
 
 def write_embeddings(run: Run) -> list[Path]:
-    """Per token: ``embeddings/<stem>.safetensors`` (kohya ``emb_params``: A1111, ComfyUI, kohya) and
-    ``embeddings/<stem>.diffusers.safetensors`` (``{token: vectors}``: diffusers ``load_textual_inversion``)."""
+    """Per token: ``embeddings/<stem>.safetensors`` (kohya ``emb_params``, SDXL ``clip_l`` + ``clip_g``: A1111,
+    ComfyUI, kohya) and the diffusers layout ``{token: vectors}`` for ``load_textual_inversion``:
+    ``embeddings/<stem>.diffusers.safetensors``, and for SDXL's second encoder ``<stem>.diffusers_2.safetensors``
+    (as ``tuner convert --to diffusers`` writes them)."""
     from tuner.formats.embeddings import (
+        SINGLE_KEY,
         build_embedding_metadata,
         save_diffusers_embedding,
         save_kohya_embedding,
     )
 
-    module = embedding_module(run)
     dtype = SAVE_DTYPES[run.recipe.output.save_dtype]
     folder = run.out_dir / "embeddings"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for token in run.adapter.tokens:
-        vectors = module.vectors(token).detach().float().cpu().to(dtype)
+        vectors = {k: v.to(dtype) for k, v in token_vectors(run, token).items()}
+        n = int(next(iter(vectors.values())).shape[0])
         stem = embedding_stem(token)
         metadata = build_embedding_metadata(
-            family=run.base.family, token=token, n_vectors=int(vectors.shape[0]), title=stem,
-            tuner_block={"method": run.method.name, "vectors": int(vectors.shape[0]),
-                         "recipe_hash": run.recipe_hash, "base": run.base.source},
+            family=run.base.family, token=token, n_vectors=n, title=stem,
+            tuner_block={"method": run.method.name, "vectors": n, "recipe_hash": run.recipe_hash,
+                         "base": run.base.source},
         )
         metadata.update({
             "ss_output_name": stem,
@@ -227,9 +237,10 @@ def write_embeddings(run: Run) -> list[Path]:
             "ss_base_model_version": run.base.family.ss_base_model_version,
         })
         paths.append(folder / f"{stem}.safetensors")
-        save_kohya_embedding(paths[-1], vectors, metadata)
-        paths.append(folder / f"{stem}.diffusers.safetensors")
-        save_diffusers_embedding(paths[-1], token, vectors)
+        save_kohya_embedding(paths[-1], vectors[SINGLE_KEY] if SINGLE_KEY in vectors else vectors, metadata)
+        for i, rows in enumerate(vectors.values()):
+            paths.append(folder / f"{stem}.diffusers{f'_{i + 1}' if i else ''}.safetensors")
+            save_diffusers_embedding(paths[-1], token, rows)
     return paths
 
 

@@ -38,8 +38,8 @@ class AdapterSettings:
 @dataclass(frozen=True)
 class Method:
     """``attach`` makes the chosen parts trainable and returns component -> module for each trained
-    component (``unet``, ``text_encoder``, or ``embedding`` for new token vectors, which get their own
-    learning rate). ``network_args`` describes the adapter for the file metadata (kohya
+    component (``unet``, ``text_encoder``, or ``embedding`` / ``embedding_2`` for new token vectors in
+    each text encoder, which get their own learning rate). ``network_args`` describes the adapter for the file metadata (kohya
     ``ss_network_args``). ``saves``: the artifacts the export writes, in order: ``lora`` (kohya file, plus
     PEFT on request), ``embedding`` (one file per token, kohya and diffusers layouts), ``model`` (the full
     fine-tuned base as a diffusers folder, plus a LoRA extracted from its difference to the base)."""
@@ -103,22 +103,22 @@ def _attach_full(base: Any, s: AdapterSettings) -> dict[str, nn.Module]:
 
 
 def _attach_embeddings(base: Any, s: AdapterSettings, *, freeze: bool = True) -> dict[str, nn.Module]:
-    """Textual inversion: new tokens whose vectors alone train; every existing row stays as it was."""
-    from tuner.adapters.embedding import install_placeholders
+    """Textual inversion: new tokens whose vectors alone train; every existing row stays as it was. Each
+    text encoder of the family gets the tokens (SDXL: both, initialised from the same word in each table),
+    trained as ``embedding`` / ``embedding_2``."""
+    from tuner.adapters.embedding import install_placeholders, placeholder_component
 
-    if len(base.text_encoders) != 1:
-        raise TunerError(
-            f"textual inversion and pivotal tuning on {base.family.name} (one vector set per text encoder, "
-            "clip_l/clip_g files) are not supported yet; use adapter.method = \"lora\" or \"dreambooth\""
-        )
+    if not s.tokens:
+        raise TunerError("textual inversion needs at least one token (embedding.tokens)")
     if freeze:
         _freeze(base)
-    module = None
-    for token, word in zip(s.tokens, s.init_words, strict=True):  # one module holds every placeholder
-        module = install_placeholders(base.tokenizer, base.text_encoder, token, s.vectors, word)
-    if module is None:
-        raise TunerError("textual inversion needs at least one token (embedding.tokens)")
-    return {"embedding": module}
+    trained: dict[str, nn.Module] = {}
+    for spec in base.family.text_encoders:
+        tokenizer, encoder = getattr(base, spec.tokenizer), getattr(base, spec.component)
+        for token, word in zip(s.tokens, s.init_words, strict=True):  # one module per encoder holds them all
+            module = install_placeholders(tokenizer, encoder, token, s.vectors, word)
+        trained[placeholder_component(spec.component)] = module
+    return trained
 
 
 def _attach_pivotal(base: Any, s: AdapterSettings) -> dict[str, nn.Module]:

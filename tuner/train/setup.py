@@ -99,7 +99,7 @@ class Run:
     @property
     def text_encoder_frozen(self) -> bool:
         """True when nothing trained changes what the text encoder outputs (prompt embeds can be cached)."""
-        return not any(c.startswith("text_encoder") or c == "embedding" for c in self.trained)
+        return not any(c.startswith(("text_encoder", "embedding")) for c in self.trained)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -316,10 +316,14 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     base.to(device)
     opt = recipe.optim
     groups = []
+    # pivotal with train_text_encoder: the placeholder rows sit inside a trained text encoder too; they belong
+    # to their embedding group (its learning rate) only
+    rows = {id(p) for c, m in trained.items() if c.startswith("embedding") for p in m.parameters()}
     for component, module in trained.items():
-        params = [p for p in module.parameters() if p.requires_grad]
+        is_rows = component.startswith("embedding")
+        params = [p for p in module.parameters() if p.requires_grad and (is_rows or id(p) not in rows)]
         lr = opt.text_encoder_lr if component.startswith("text_encoder") and opt.text_encoder_lr else opt.learning_rate
-        if component == "embedding":
+        if is_rows:
             lr = recipe.embedding.learning_rate
         groups.append({"params": params, "lr": lr, "name": component})
     make = functools.partial(build_optimizer, opt.optimizer, betas=opt.betas, eps=opt.eps,
