@@ -9,6 +9,8 @@ A1111, ComfyUI and most sharing sites use one ``.safetensors`` file with every c
 | CLIP text encoder (SD1, SDXL te1) | ``TextEncoderSpec.ldm_prefix`` | HF CLIP names from ``text_model.`` on |
 | OpenCLIP text encoder (SD2, SDXL te2) | ``TextEncoderSpec.ldm_prefix`` | OpenCLIP ``transformer.resblocks.N`` with fused q/k/v |
 
+(SD2's encoder also gets the parts SD2 does not use, see :func:`openclip_to_ldm`.)
+
 This module writes that layout (tuner's own tables). Reading it back goes through diffusers' converters
 (:mod:`tuner.models.single_file`), so the round-trip test checks these tables against an independent
 implementation. Shapes that differ between the layouts: the VAE mid-block attention is 1x1 convolutions in
@@ -18,6 +20,7 @@ of the diffusers Linear weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -155,12 +158,27 @@ OPENCLIP_TOP = {
 }
 
 
-def openclip_to_ldm(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+# OpenCLIP's initial logit_scale, log(1 / 0.07): written where the original files have one that no SD model uses.
+OPENCLIP_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def openclip_to_ldm(
+    state: Mapping[str, torch.Tensor], prefix: str, *, dropped_layers: int = 0, unused_projection: bool = False
+) -> dict[str, torch.Tensor]:
     """HF CLIP text encoder -> OpenCLIP layout under ``prefix``.
 
     ``layers.N.self_attn.{q,k,v}_proj`` become one ``transformer.resblocks.N.attn.in_proj_{weight,bias}``
     (rows q, k, v); ``text_projection.weight`` (Linear, ``[proj, width]``) becomes ``text_projection``
     (``[width, proj]``, used as ``x @ P``).
+
+    SD2's OpenCLIP-H has parts the diffusers encoder does not keep because SD2 never uses them; the original
+    files hold them, and so does ours, so that every reader finds the key set it knows:
+
+    * ``dropped_layers`` more resblocks after the last one (SD2: the 24th; SD2 reads the penultimate layer).
+      They are written as identity blocks (every weight and bias zero: ``x + 0 + 0``), so a reader that does
+      run the last layer gets what SD2 conditions on.
+    * ``unused_projection``: ``text_projection`` as the ``[width, width]`` identity and ``logit_scale``
+      (OpenCLIP's initial value), for an encoder whose pooled output SD2 does not use.
     """
     state = canonical_clip_keys(state)
     out: dict[str, torch.Tensor] = {}
@@ -193,4 +211,15 @@ def openclip_to_ldm(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str,
         if set(parts) != {"q_proj", "k_proj", "v_proj"}:
             raise ValueError(f"{name}: q/k/v projections incomplete ({', '.join(sorted(parts))})")
         out[name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+    if dropped_layers:
+        layers = 1 + max(int(k[len(prefix) :].split(".")[2]) for k in out if ".resblocks." in k)
+        last = f"{prefix}transformer.resblocks.{layers - 1}."
+        for extra in range(layers, layers + dropped_layers):
+            out.update({k.replace(last, f"{prefix}transformer.resblocks.{extra}."): torch.zeros_like(v)
+                        for k, v in out.items() if k.startswith(last)})
+    if unused_projection and prefix + "text_projection" not in out:
+        embedding = out[prefix + "token_embedding.weight"]
+        width = embedding.shape[1]
+        out[prefix + "text_projection"] = torch.eye(width, dtype=embedding.dtype)
+        out[prefix + "logit_scale"] = torch.tensor(OPENCLIP_LOGIT_SCALE, dtype=embedding.dtype)
     return out

@@ -441,12 +441,6 @@ def to_ldm_state_dict(family: Family, modules: Mapping[str, Any]) -> dict[str, t
     """The components (``unet``, ``vae``, text encoders; modules or state dicts) as one LDM state dict."""
     if family.configs is None or family.name not in LDM_LAYOUTS:
         raise TunerError(f"family {family.name!r} has no single-file (LDM) layout; write a diffusers folder")
-    if family.ldm_layers_dropped:
-        raise TunerError(
-            f"writing {family.name} models as single files is not supported: the LDM layout has "
-            f"{family.ldm_layers_dropped} more text-encoder layer than a diffusers {family.name} model keeps. "
-            "Write a diffusers folder (--format diffusers)."
-        )
 
     def state(name: str) -> dict[str, torch.Tensor]:
         obj = modules[name]
@@ -463,7 +457,9 @@ def to_ldm_state_dict(family: Family, modules: Mapping[str, Any]) -> dict[str, t
         if spec.ldm_format == "clip":
             out.update(clip_to_ldm(canonical_clip_keys(te), spec.ldm_prefix))
         else:
-            out.update(openclip_to_ldm(te, spec.ldm_prefix))
+            # SD2: the file has the layer and projection diffusers drops (identity parts, see openclip_to_ldm)
+            out.update(openclip_to_ldm(te, spec.ldm_prefix, dropped_layers=family.ldm_layers_dropped,
+                                       unused_projection=not spec.pooled))
     return out
 
 
