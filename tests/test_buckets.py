@@ -176,8 +176,8 @@ def test_recipe_keys_and_cli_options(shapes, tmp_path):
 
     with pytest.raises(RecipeError, match="data.min_bucket_reso = 32 has no effect without data.bucketing"):
         load_recipe(None, ["data.min_bucket_reso=32"])
-    with pytest.raises(RecipeError, match="prior.enabled = true is not supported yet"):
-        load_recipe(None, ["data.bucketing=true", "prior.enabled=true", 'prior.class_prompts=["a circle"]'])
+    both = load_recipe(None, ["data.bucketing=true", "prior.enabled=true", 'prior.class_prompts=["a circle"]'])
+    assert both.data.bucketing and both.prior.enabled  # bucketed prior preservation: tests/test_prior_buckets.py
     with pytest.raises(RecipeError, match="data.bucket_step = 12"):
         load_recipe(None, ["data.bucketing=true", "data.bucket_step=12"])
     path = tmp_path / "r.toml"

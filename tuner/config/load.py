@@ -326,10 +326,6 @@ def _bucket_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if d.min_bucket_reso and d.max_bucket_reso and d.min_bucket_reso > d.max_bucket_reso:
         out.append(("data.min_bucket_reso", f"data.min_bucket_reso = {d.min_bucket_reso} is above "
                     f"data.max_bucket_reso = {d.max_bucket_reso}"))
-    if recipe.prior.enabled:
-        out.append(("data.bucketing", "data.bucketing = true with prior.enabled = true is not supported yet (the "
-                    "class images are square and are paired batch for batch with the instance images): turn "
-                    "one of them off"))
     return out
 
 

@@ -185,3 +185,28 @@ def plan_buckets(
         assignments = [assign_bucket(s, buckets) for s in sizes]
     return BucketPlan(step=step, min_size=lo, max_size=hi, no_upscale=no_upscale,
                       assignments=tuple(assignments), sizes=tuple((int(w), int(h)) for w, h in sizes))
+
+
+def plan_in_buckets(sizes: Sequence[Size], plan: BucketPlan) -> BucketPlan:
+    """A plan for other images (prior preservation's class images) that uses only ``plan``'s buckets: each
+    image goes to the one nearest its aspect ratio and is resized to cover it (:func:`assign_bucket`), so
+    every batch can pair images of one bucket from both sets."""
+    if any(w <= 0 or h <= 0 for w, h in sizes):
+        raise TunerError("aspect-ratio buckets need every image's size; an image has none (0x0)")
+    buckets = plan.buckets
+    return BucketPlan(step=plan.step, min_size=plan.min_size, max_size=plan.max_size, no_upscale=plan.no_upscale,
+                      assignments=tuple(assign_bucket(s, buckets) for s in sizes),
+                      sizes=tuple((int(w), int(h)) for w, h in sizes))
+
+
+def bucket_quotas(counts: dict[Size, int], total: int) -> dict[Size, int]:
+    """Split ``total`` images over buckets in proportion to ``counts`` (bucket -> instance samples), largest
+    remainders first, at least one per bucket (so the total can exceed ``total`` with many buckets)."""
+    weight = sum(counts.values())
+    if weight <= 0:
+        raise ValueError("bucket_quotas needs at least one counted bucket")
+    exact = {b: total * n / weight for b, n in counts.items()}
+    quotas = {b: int(x) for b, x in exact.items()}
+    for b in sorted(exact, key=lambda b: (quotas[b] - exact[b], b))[: max(0, total - sum(quotas.values()))]:
+        quotas[b] += 1
+    return {b: max(1, q) for b, q in sorted(quotas.items())}

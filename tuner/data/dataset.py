@@ -14,7 +14,9 @@ from that order itself (no DataLoader shuffling); resuming at step ``s`` just sk
 With aspect-ratio buckets (:mod:`tuner.data.buckets`) an epoch is a list of batches instead
 (:meth:`TrainDataset.epoch_batches`): each bucket's samples shuffled and cut into batches (the last one of a
 bucket may be smaller), then the epoch's batches shuffled; every permutation is seeded from (seed, epoch,
-bucket), so micro-batch ``k`` is still a pure function of ``(seed, k)``.
+bucket), so micro-batch ``k`` is still a pure function of ``(seed, k)``. Prior preservation's class images
+follow the instance batches (``partner``): batch ``k`` of the class set comes from the bucket of instance batch
+``k``, so the two stack into one UNet batch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ IMAGE_STREAM = 0
 CAPTION_STREAM = 1
 ORDER_STREAM = 2
 BUCKET_STREAM = 3
+PAIR_STREAM = 4
 
 FLIP_PROBABILITY = 0.5
 
@@ -118,6 +121,12 @@ class TrainDataset(Dataset[Example]):
 
     Examples are ``resolution`` squares, or with ``buckets`` (a plan for ``index.items``) each image's bucket:
     resized to cover it (:func:`tuner.data.buckets.cover_size`) and cropped as above.
+
+    ``partner`` (prior preservation with buckets; this dataset holds the class images): the instance dataset
+    whose micro-batches this one follows. Micro-batch ``k`` then holds as many samples as the partner's
+    micro-batch ``k``, all from the partner's bucket, drawn from ``(seed, k)`` (without repeats unless the
+    bucket holds fewer samples than the batch). Every bucket of the partner must hold some of this dataset's
+    images (:func:`tuner.data.buckets.plan_in_buckets` and the class-image cache see to it).
     """
 
     def __init__(
@@ -133,6 +142,7 @@ class TrainDataset(Dataset[Example]):
         seed: int = 0,
         background: tuple[int, int, int] = (255, 255, 255),
         buckets: BucketPlan | None = None,
+        partner: TrainDataset | None = None,
     ):
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -156,6 +166,14 @@ class TrainDataset(Dataset[Example]):
         self.buckets = buckets
         self.epoch = 0
         self._item_of = [k for k, item in enumerate(index.items) for _ in range(item.repeats)]
+        self.partner = partner
+        if partner is not None:
+            if buckets is None or partner.buckets is None:
+                raise ValueError("a partner dataset pairs bucketed batches: both need a bucket plan")
+            have = {buckets.bucket_of(item) for item in self._item_of}
+            lacking = [f"{w}x{h}" for w, h in partner.buckets.buckets if (w, h) not in have]
+            if lacking:
+                raise ValueError(f"no image of this dataset is in the partner's bucket(s) {', '.join(lacking)}")
         self._images: dict[int, Image.Image] = {}
 
     def __len__(self) -> int:
@@ -239,6 +257,8 @@ class TrainDataset(Dataset[Example]):
         seed and ``micro_step``. Without buckets, positions ``k*B .. k*B+B-1`` of the stream made of each
         epoch's :meth:`epoch_order` in turn; with buckets, batch ``k mod n`` of epoch ``k div n``'s
         :meth:`epoch_batches` (n = :meth:`batches_per_epoch`)."""
+        if self.partner is not None:
+            return self._paired_samples(micro_step, batch_size)
         if self.buckets is not None:
             epoch, k = divmod(micro_step, self.batches_per_epoch(batch_size))
             return [(epoch, i) for i in self.epoch_batches(epoch, batch_size)[k]]
@@ -250,6 +270,19 @@ class TrainDataset(Dataset[Example]):
                 orders[epoch] = self.epoch_order(epoch)
             picks.append((epoch, orders[epoch][offset]))
         return picks
+
+    def _paired_samples(self, micro_step: int, batch_size: int) -> list[tuple[int, int]]:
+        """Micro-batch ``micro_step`` of a dataset with a ``partner`` (class docstring)."""
+        assert self.partner is not None and self.buckets is not None
+        theirs = self.partner.batch_samples(micro_step, batch_size)
+        epoch, first = theirs[0]
+        bucket = self.partner.size_of(self.partner.item_of(first))
+        pool = [i for i, item in enumerate(self._item_of) if self.buckets.bucket_of(item) == bucket]
+        generator = make_generator(self.seed, micro_step, -1, PAIR_STREAM)
+        picks: list[int] = []
+        while len(picks) < len(theirs):
+            picks += [pool[k] for k in torch.randperm(len(pool), generator=generator).tolist()]
+        return [(epoch, i) for i in picks[: len(theirs)]]
 
     def deterministic_example(self, item_index: int, flipped: bool) -> torch.Tensor:
         """Centre-crop pixels of an item (mirrored if ``flipped``), for pre-computing cached latents.

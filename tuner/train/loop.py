@@ -72,7 +72,7 @@ def compute_loss(run: Run, micro_step: int, generator: torch.Generator) -> torch
         pred, target, timesteps, run.noise_scheduler,
         prediction_type=base.prediction_type, min_snr_gamma=cfg.min_snr_gamma,
     )
-    n = cfg.batch_size
+    n = len(latents[0])  # the instance rows (a bucket's last batch may be smaller than batch_size)
     if run.class_dataset is None:
         return loss.mean()
     return loss[:n].mean() + run.recipe.prior.loss_weight * loss[n:].mean()

@@ -4,15 +4,26 @@ The base model, before any training, draws ``count`` images from the class promp
 a ``.txt`` caption holding its prompt. The folder is a cache: images already there (generated earlier, or
 supplied by the user with captions) are reused, and only the missing ones are drawn. The folder is then an
 ordinary dataset (``tuner.data.folder.scan_dataset``).
+
+With aspect-ratio buckets the instance batches come in several shapes, and each is paired with class images
+of the same bucket (:class:`tuner.data.dataset.TrainDataset` ``partner``), so the cache is kept per bucket:
+every instance bucket needs its quota of class images (a share of ``count`` in proportion to the instance
+samples in it, at least one), counting the images already there by the bucket they fall in
+(:func:`tuner.data.buckets.plan_in_buckets`); the missing ones are drawn at that bucket's size, as
+``class_<W>x<H>_<j>.png`` from ``prompts[j % len(prompts)]`` with seed ``seed + j``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
+from tuner.data.buckets import Size, assign_bucket
 from tuner.data.folder import image_files
 from tuner.errors import TunerError
 from tuner.formats.io import write_bytes_atomic
@@ -34,14 +45,22 @@ def ensure_class_images(
     settings: SampleSettings,
     seed: int = 0,
     log=print,
+    quotas: Mapping[Size, int] | None = None,
 ) -> Path:
     """Make ``folder`` hold at least ``count`` captioned class images; returns the folder.
 
     Image ``i`` (``class_00000.png`` ...) is drawn from ``prompts[i % len(prompts)]`` with seed ``seed + i``,
     so a cache filled in several runs equals one filled at once. Each image and caption is written to a
     temporary name and renamed, so an interrupted run leaves no half-written file.
+
+    ``quotas`` (aspect-ratio buckets; ``(width, height)`` -> images, from
+    :func:`tuner.data.buckets.bucket_quotas`): the folder must hold that many images in each bucket instead
+    (module docstring); ``count`` is then only reported.
     """
     folder = Path(folder)
+    if quotas:
+        return _ensure_per_bucket(base, folder, prompts=prompts, quotas=quotas, settings=settings, seed=seed,
+                                  log=log)
     have = count_images(folder)
     if have >= count:
         log(f"prior preservation: reusing {have} class images in '{folder}'")
@@ -69,4 +88,53 @@ def ensure_class_images(
             prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
             cfg=settings.cfg, seed=seed + i, width=image.width, height=image.height,
         ))
+    return folder
+
+
+def _image_size(path: Path) -> Size:
+    with Image.open(path) as image:  # reads the header only
+        return image.size
+
+
+def _ensure_per_bucket(
+    base: BaseModel, folder: Path, *, prompts: Sequence[str], quotas: Mapping[Size, int],
+    settings: SampleSettings, seed: int, log=print,
+) -> Path:
+    buckets = sorted(quotas)
+    files = image_files(folder) if folder.is_dir() else []
+    have = Counter(assign_bucket(_image_size(p), buckets).bucket for p in files)
+    missing = {b: q - have[b] for b, q in sorted(quotas.items()) if have[b] < q}
+    shown = ", ".join(f"{w}x{h}: {have[(w, h)]}/{q}" for (w, h), q in sorted(quotas.items()))
+    if not missing:
+        log(f"prior preservation: reusing {len(files)} class images in '{folder}' (per bucket: {shown})")
+        return folder
+    if not prompts:
+        raise TunerError(
+            f"prior preservation: '{folder}' lacks class images in some aspect-ratio buckets (held/needed: "
+            f"{shown}) and prior.class_prompts is empty, so the missing ones cannot be generated; add class "
+            "prompts, or captioned class images of those shapes"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TunerError(f"prior preservation: cannot create the class image folder '{folder}': {exc}") from exc
+    log(f"prior preservation: generating {sum(missing.values())} class images into '{folder}' in the instance "
+        f"buckets (held/needed: {shown})")
+    bar = tqdm(total=sum(missing.values()), desc="class images", unit="img", leave=False)
+    for (w, h), n in missing.items():
+        j = 0
+        while n > 0:
+            png = folder / f"class_{w}x{h}_{j:05d}.png"
+            if not png.exists():
+                prompt = prompts[j % len(prompts)]
+                image = sample_images(base, [prompt], [seed + j], replace(settings, width=w, height=h))[0]
+                write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
+                save_png(image, png, parameters=infotext(
+                    prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
+                    cfg=settings.cfg, seed=seed + j, width=w, height=h,
+                ))
+                n -= 1
+                bar.update()
+            j += 1
+    bar.close()
     return folder

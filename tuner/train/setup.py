@@ -199,22 +199,34 @@ def class_image_dir(recipe: Recipe) -> Path:
     return Path(recipe.prior.class_dir) if recipe.prior.class_dir else Path(recipe.output.dir) / "class_images"
 
 
-def build_class_dataset(recipe: Recipe, base: BaseModel, resolution: int, device: torch.device, log=print) -> TrainDataset:
-    """Prior preservation: fill the class-image cache with the untouched base, then index it."""
+def build_class_dataset(recipe: Recipe, base: BaseModel, resolution: int, device: torch.device, log=print,
+                        instance: TrainDataset | None = None) -> TrainDataset:
+    """Prior preservation: fill the class-image cache with the untouched base, then index it. With
+    aspect-ratio buckets (``instance.buckets``) the class images fill the instance buckets (each its share of
+    ``prior.num_images``, drawn at its size when missing) and every class batch follows the instance batch of
+    the same step into its bucket (``TrainDataset`` ``partner``), so both stack into one UNet batch."""
+    from tuner.data.buckets import bucket_quotas, plan_in_buckets
     from tuner.sample.sampler import SampleSettings
     from tuner.train.prior import ensure_class_images
 
     p = recipe.prior
+    plan, quotas = None, None
+    if instance is not None and instance.buckets is not None:
+        plan = instance.buckets
+        samples = [plan.bucket_of(instance.item_of(i)) for i in range(len(instance))]
+        quotas = bucket_quotas({b: samples.count(b) for b in plan.buckets}, p.num_images)
     base.to(device)
     folder = ensure_class_images(
         base, class_image_dir(recipe), prompts=p.class_prompts, count=p.num_images,
-        settings=SampleSettings(steps=p.steps, cfg=p.cfg, sampler=p.sampler), seed=p.seed, log=log,
+        settings=SampleSettings(steps=p.steps, cfg=p.cfg, sampler=p.sampler), seed=p.seed, log=log, quotas=quotas,
     )
     index = scan_dataset(folder, strict=recipe.data.strict)
     for path, reason in index.skipped:
         log(f"skipped class image {path}: {reason}")
+    class_plan = plan_in_buckets([item.size for item in index.items], plan) if plan is not None else None
     return TrainDataset(index, resolution=resolution, center_crop=True, flip=recipe.data.flip, seed=recipe.train.seed + 1,
-                        background=background(recipe))
+                        background=background(recipe), buckets=class_plan,
+                        partner=instance if class_plan is not None else None)
 
 
 def bucket_plan(recipe: Recipe, index: DatasetIndex, resolution: int, family_step: int) -> BucketPlan | None:
@@ -301,7 +313,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         buckets=buckets,
     )
     device = pick_device(recipe.train.device)
-    class_dataset = build_class_dataset(recipe, base, resolution, device, log) if recipe.prior.enabled else None
+    class_dataset = build_class_dataset(recipe, base, resolution, device, log, dataset) if recipe.prior.enabled else None
     method = METHODS[recipe.adapter.method]
     settings = adapter_settings(recipe)
     torch.manual_seed(recipe.train.seed)  # adapter init (kaiming) is reproducible
