@@ -24,6 +24,8 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+    if os.environ.get("RANK", "0") != "0":  # a data-parallel worker besides the main one: no progress bars
+        os.environ.setdefault("TQDM_DISABLE", "1")  # (tqdm reads it once, when first imported)
 
 
 def _recipe_from_args(args: argparse.Namespace):
@@ -39,15 +41,24 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tuner.train.launch import launched_processes, relaunch
+
+    recipe = _recipe_from_args(args)  # recipe errors are reported once, before any process starts
+    if args.processes > 1 and launched_processes() == 1:  # the workers parse the same line, under the launcher
+        return relaunch(args.argv, args.processes)
+    if args.processes > 1 and launched_processes() != args.processes:
+        raise TunerError(f"--processes {args.processes} inside a launcher that started {launched_processes()}: "
+                         "drop --processes when launching with accelerate launch or torchrun")
     from tuner.train.checkpoint import find_checkpoint
     from tuner.train.loop import restore, train
     from tuner.train.setup import setup_run
 
-    recipe = _recipe_from_args(args)
     run = setup_run(recipe, recipe_path=args.recipe)
     if args.resume:
-        restore(run, find_checkpoint(args.resume, run.out_dir))
+        restore(run, find_checkpoint(args.resume, run.out_dir), log=print if run.shard.is_main else lambda _: None)
     result = train(run)
+    if not run.shard.is_main:
+        return 0
     print(f"done: {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}")
     for path in result.outputs:
         print(f"wrote {path}")
@@ -373,6 +384,13 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
                    help="buckets from the images' own sizes, never enlarging one (data.bucket_no_upscale = true)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuner", description="Personalize latent diffusion models.")
     parser.add_argument("--version", action="version", version=f"tuner {__version__}")
@@ -381,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an adapter from a recipe")
     _add_recipe_options(p)
     p.add_argument("--resume", metavar="CKPT|latest", help="resume from a checkpoint folder, or the newest one")
+    p.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                   help="data-parallel processes on this machine, each with train.batch_size samples (one per "
+                        "GPU; on CPU, gloo); see docs/distributed.md")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe (and its data) without loading any model")
@@ -537,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # tuner train --processes N runs it again
     try:
         return int(args.func(args) or 0)
     except TunerError as exc:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from tuner.data.dataset import Batch, TrainDataset, collate
 from tuner.models.prompts import Conditioning, encode_conditioning
+from tuner.train.distributed import Shard
 
 
 def batch_at(dataset: TrainDataset, micro_step: int, batch_size: int) -> Batch:
@@ -45,8 +46,10 @@ def latents_for(
     generator: torch.Generator,
     cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None,
     device: torch.device,
+    shard: Shard = Shard(),
 ) -> torch.Tensor:
-    """Scaled latents ``[B, C, h, w]`` (fp32, on ``device``) for a batch, from the cache or the VAE."""
+    """Scaled latents ``[B, C, h, w]`` (fp32, on ``device``) for a batch, from the cache or the VAE. With
+    several processes the VAE's noise is drawn for the global batch and this process keeps its rows."""
     if cache is not None:
         mean = torch.stack([cache[(i, f)][0] for i, f in zip(batch.item_indices, batch.flipped)])
         std = torch.stack([cache[(i, f)][1] for i, f in zip(batch.item_indices, batch.flipped)])
@@ -54,7 +57,7 @@ def latents_for(
         with torch.no_grad():
             dist = vae.encode(batch.pixel_values.to(device, vae.dtype)).latent_dist
         mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-    eps = torch.randn(mean.shape, generator=generator)
+    eps = shard.randn(mean.shape, generator)
     return ((mean + std * eps) * latent_scale).to(device)
 
 

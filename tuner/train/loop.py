@@ -23,11 +23,12 @@ from tuner.models.prompts import unet_kwargs
 from tuner.train.batches import batch_at, latents_for, prompt_embeds_for
 from tuner.train.caches import cache_latents, cache_prompts
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
+from tuner.train.distributed import step_totals, sync_gradients
 from tuner.train.export import export_adapter, write_preview
 from tuner.train.objective import add_noise, diffusion_loss, target_for
 from tuner.train.run_report import RunReport
 from tuner.train.setup import Run
-from tuner.train.tracking import Tracker, open_tracker
+from tuner.train.tracking import NullTracker, Tracker, open_tracker
 
 
 @dataclass
@@ -46,22 +47,25 @@ def step_seed(seed: int, step: int) -> int:
 
 def compute_loss(run: Run, micro_step: int, generator: torch.Generator) -> torch.Tensor:
     """Mean diffusion loss of one micro-batch (scalar, fp32). With prior preservation the micro-batch also
-    holds as many class images, and their mean loss is added with weight ``prior.loss_weight``."""
-    cfg, base = run.recipe.train, run.base
+    holds as many class images, and their mean loss is added with weight ``prior.loss_weight``. With several
+    processes: this process's part of global micro-batch ``micro_step`` (``tuner.train.distributed``)."""
+    cfg, base, shard = run.recipe.train, run.base, run.shard
     parts = [(run.dataset, run.latent_cache)]
     if run.class_dataset is not None:
         parts.append((run.class_dataset, run.class_latent_cache))
     latents, captions, sizes, crops = [], [], [], []
     for dataset, cache in parts:
-        batch = batch_at(dataset, micro_step, cfg.batch_size)
+        batch = batch_at(dataset, shard.micro_batch(micro_step), cfg.batch_size)
         latents.append(latents_for(
             batch, vae=base.vae, latent_scale=base.latent_scale, generator=generator, cache=cache, device=run.device,
+            shard=shard,
         ))
         captions += batch.captions
         sizes += batch.original_sizes  # SDXL's size/crop conditioning (unet_kwargs)
         crops += batch.crop_top_left
     latents_all = torch.cat(latents)
-    noisy, noise, timesteps = add_noise(latents_all, run.noise_scheduler, generator, noise_offset=cfg.noise_offset)
+    noisy, noise, timesteps = add_noise(latents_all, run.noise_scheduler, generator, noise_offset=cfg.noise_offset,
+                                        shard=shard, parts=[len(part) for part in latents])
     target = target_for(base.prediction_type, latents_all, noise, timesteps, run.noise_scheduler)
     cond = prompt_embeds_for(captions, base=base, cache=run.prompt_cache)
     target_size = (noisy.shape[-2] * base.vae_scale_factor, noisy.shape[-1] * base.vae_scale_factor)
@@ -86,6 +90,17 @@ def prepare_caches(run: Run, log=print) -> None:
         cache_latents(run, log)
     if cfg.cache_prompts and run.text_encoder_frozen:
         cache_prompts(run, log)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """The log of the processes other than the main one."""
+
+
+class _NoReport:
+    """The other processes' stand-in for the main process's :class:`RunReport` (which alone writes the page)."""
+
+    def write(self, step: int, status: str | None = None) -> None:
+        return None
 
 
 def save(run: Run, step: int) -> Path:
@@ -151,8 +166,14 @@ def train(run: Run, log=print) -> TrainResult:
     A step whose loss or gradient is NaN/inf changes nothing (no optimizer or EMA update; the schedule and
     the data order move on, so a resumed run stays aligned); ``train.max_bad_steps`` of them in a row stop
     the run. SIGINT/SIGTERM finish the current step, save a checkpoint and raise :class:`TrainingStopped`.
+
+    With several processes (``run.shard``) every process runs this loop on its part of each step's batch;
+    gradients, the loss and stop requests are combined once per step, and only the main process logs and
+    writes files (the others wait for it at the end).
     """
-    cfg, preview = run.recipe.train, run.recipe.preview
+    cfg, preview, shard = run.recipe.train, run.recipe.preview, run.shard
+    if not shard.is_main:
+        log = _silent
     log(f"step arithmetic: {run.arithmetic.describe()}")
     prepare_caches(run, log)
     for module in run.trained.values():
@@ -162,18 +183,25 @@ def train(run: Run, log=print) -> TrainResult:
     # fp16's gradient scaler skips steps with overflowing gradients itself: only the loss is ours to check
     check_grads = run.recipe.train.mixed_precision != "fp16"
     fused = getattr(run.optimizer, "fused", False)  # optim.fused_backward: steps happen inside backward
-    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    report = RunReport(run, log=bar.write)  # <output.dir>/report.html, rewritten at previews and checkpoints
+    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not shard.is_main)
+    # <output.dir>/report.html, rewritten at previews and checkpoints
+    report = RunReport(run, log=bar.write) if shard.is_main else _NoReport()
     with _StopRequest() as stop, _tracker(run) as tracker:
         while step < cfg.steps:
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
-            torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout uses the global generator
+            # LoRA dropout uses the global generator (one stream per process: its masks are not per sample)
+            torch.manual_seed(step_seed(cfg.seed, step) + shard.rank)
             loss_sum = 0.0
             for micro in range(cfg.gradient_accumulation):
                 loss = compute_loss(run, step * cfg.gradient_accumulation + micro, generator)
                 loss_sum += loss.item() / cfg.gradient_accumulation
                 if not (fused and not math.isfinite(loss_sum)):  # fused: backward would step the weights
                     run.accelerator.backward(loss / cfg.gradient_accumulation)
+            loss_sum, stopping = step_totals(loss_sum, stop.signal is not None, shard.world, run.device)
+            if stopping and stop.signal is None:
+                stop.signal = "a stop request to another process"
+            sync_gradients(run.params, shard.world, run.device)  # mean over the global batch
             norm = _grad_norm(run) if (check_grads or cfg.max_grad_norm > 0) else 0.0
             finite = math.isfinite(loss_sum) and (math.isfinite(norm) or not check_grads)
             if finite:
@@ -200,23 +228,27 @@ def train(run: Run, log=print) -> TrainResult:
                 raise TrainingStopped(_bad_steps_message(run, step, bad))
             if stop.signal is not None:
                 bar.close()
-                path = save(run, step)
+                path = save(run, step) if shard.is_main else run.out_dir / "checkpoints"
+                run.accelerator.wait_for_everyone()
                 report.write(step, f"stopped at step {step} by {stop.signal}; resume with --resume latest")
                 raise TrainingStopped(
                     f"{stop.signal} at step {step}/{cfg.steps}: checkpoint saved to '{path}'. Continue with the "
                     "same command plus --resume latest.", exit_code=130,
                 )
-            if preview.every and step % preview.every == 0:
+            if preview.every and step % preview.every == 0 and shard.is_main:
                 with averaged(run):
                     tracker.image(step, "preview", write_preview(run, step))
                 report.write(step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad:
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad and shard.is_main:
                 save(run, step)  # never during a run of skipped steps: the last good checkpoint stays newest
                 report.write(step)
     bar.close()
-    save(run, step)
-    with averaged(run):
-        outputs = export_adapter(run)
+    outputs = []
+    if shard.is_main:
+        save(run, step)
+        with averaged(run):
+            outputs = export_adapter(run)
+    run.accelerator.wait_for_everyone()  # the other processes return once the files are written
     seconds = time.perf_counter() - started
     final = sum(run.history["loss"][-10:]) / max(1, len(run.history["loss"][-10:]))
     page = report.write(step, f"finished: {step} steps")
@@ -225,7 +257,11 @@ def train(run: Run, log=print) -> TrainResult:
 
 @contextlib.contextmanager
 def _tracker(run: Run) -> Iterator[Tracker]:
-    """The run's experiment tracker (``train.log_with``), closed (flushed) however training ends."""
+    """The run's experiment tracker (``train.log_with``), closed (flushed) however training ends; on the main
+    process only."""
+    if not run.shard.is_main:
+        yield NullTracker()
+        return
     tracker = open_tracker(run.recipe.train.log_with, run.out_dir, name=run.recipe.output.name,
                            recipe_toml=run.recipe_toml, config=recipe_to_dict(run.recipe))
     try:

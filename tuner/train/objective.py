@@ -7,8 +7,12 @@ Latents enter already scaled (``latent_dist.sample() * latent_scale``). Timestep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from tuner.train.distributed import Shard
 
 
 def add_noise(
@@ -17,15 +21,19 @@ def add_noise(
     generator: torch.Generator,
     *,
     noise_offset: float = 0.0,
+    shard: Shard = Shard(),
+    parts: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(noisy_latents, noise, timesteps)``. ``noise_offset`` adds per-channel constant noise
-    (lets the model learn very dark/bright images)."""
+    (lets the model learn very dark/bright images). With several processes (``shard``) the draws are made for
+    the global batch and ``latents`` are this process's rows of it, laid out in ``parts``
+    (:meth:`~tuner.train.distributed.Shard.rows`)."""
     b, c = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    noise = shard.randn(latents.shape, generator, parts).to(latents)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator).to(latents)
+        noise = noise + noise_offset * shard.randn((b, c, 1, 1), generator, parts).to(latents)
     steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
+    timesteps = shard.randint(steps, b, generator, parts).to(latents.device)
     return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 

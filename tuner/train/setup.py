@@ -25,6 +25,7 @@ from tuner.models.base import BaseModel, load_base
 from tuner.optim.fused import FusedBackward
 from tuner.optim.memory import cast_frozen, frozen_dtype, set_attention, to_channels_last
 from tuner.optim.optimizers import build_optimizer, build_schedule
+from tuner.train.distributed import Shard, broadcast_parameters, check_launch
 from tuner.train.ema import Ema
 from tuner.train.methods import METHODS, AdapterSettings, Method
 from tuner.train.tracking import missing_package
@@ -39,27 +40,31 @@ class StepArithmetic:
     steps: int
     batches_per_epoch: int = 0
     """With aspect-ratio buckets: micro-batches per epoch (a bucket's last batch may be smaller); 0 = none."""
+    processes: int = 1
+    """Data-parallel processes, each training ``batch_size`` samples per micro-batch."""
 
     @property
     def samples_per_step(self) -> int:
-        return self.batch_size * self.accumulation
+        return self.batch_size * self.accumulation * self.processes
 
     @property
     def steps_per_epoch(self) -> float:
         if self.batches_per_epoch:
-            return self.batches_per_epoch / self.accumulation
+            return self.batches_per_epoch / (self.accumulation * self.processes)
         return self.samples_per_epoch / self.samples_per_step
 
     @property
     def epochs(self) -> float:
         if self.batches_per_epoch:
-            return self.steps * self.accumulation / self.batches_per_epoch
+            return self.steps * self.accumulation * self.processes / self.batches_per_epoch
         return self.steps * self.samples_per_step / self.samples_per_epoch
 
     def describe(self) -> str:
         return (
             f"{self.images} images -> {self.samples_per_epoch} samples per epoch (with repeats); "
-            f"batch {self.batch_size} x accumulation {self.accumulation} = {self.samples_per_step} samples "
+            f"batch {self.batch_size} x accumulation {self.accumulation}"
+            + (f" x {self.processes} processes" if self.processes > 1 else "")
+            + f" = {self.samples_per_step} samples "
             f"per step -> {self.steps_per_epoch:.2f} steps per epoch"
             + (f" ({self.batches_per_epoch} one-bucket batches)" if self.batches_per_epoch else "")
             + f"; {self.steps} steps = {self.epochs:.2f} epochs"
@@ -95,6 +100,8 @@ class Run:
     ema: Ema | None = None
     offloaded: list[str] = field(default_factory=list)
     """Frozen components moved off the training device after caching (``vae``, ``text_encoder``)."""
+    shard: Shard = Shard()
+    """This process's place in data-parallel training (``tuner.train.distributed``); one process by default."""
 
     @property
     def text_encoder_frozen(self) -> bool:
@@ -140,6 +147,10 @@ def make_accelerator(mixed_precision: str, *, cpu: bool):
     if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.NO:
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """The log of the processes other than the main one."""
 
 
 def adapter_settings(recipe: Recipe) -> AdapterSettings:
@@ -278,6 +289,15 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     problem = missing_package(recipe.train.log_with)
     if problem:
         raise TunerError(problem)
+    device = pick_device(recipe.train.device)
+    accelerator = make_accelerator(recipe.train.mixed_precision, cpu=device.type == "cpu")
+    shard = Shard(accelerator.process_index, accelerator.num_processes)
+    check_launch(accelerator.distributed_type.value, world=shard.world, device_spec=recipe.train.device,
+                 fused_backward=recipe.optim.fused_backward)
+    if shard.world > 1:
+        if device.type != "cpu":
+            device = accelerator.device  # one device per process (cuda:<local rank>)
+        log = log if shard.is_main else _silent
     index = scan_dataset(
         recipe.data.path,
         instance_prompt=recipe.data.instance_prompt,
@@ -312,8 +332,10 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         background=background(recipe),
         buckets=buckets,
     )
-    device = pick_device(recipe.train.device)
-    class_dataset = build_class_dataset(recipe, base, resolution, device, log, dataset) if recipe.prior.enabled else None
+    class_dataset = None
+    if recipe.prior.enabled:
+        with accelerator.main_process_first():  # the main process draws the class images; the others reuse them
+            class_dataset = build_class_dataset(recipe, base, resolution, device, log, dataset)
     method = METHODS[recipe.adapter.method]
     settings = adapter_settings(recipe)
     torch.manual_seed(recipe.train.seed)  # adapter init (kaiming) is reproducible
@@ -323,7 +345,6 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         for component, encoder in base.text_encoders.items():
             if component in trained:
                 encoder.gradient_checkpointing_enable()
-    accelerator = make_accelerator(recipe.train.mixed_precision, cpu=device.type == "cpu")
     apply_memory_settings(recipe, base, autocast_active=accelerator.native_amp, log=log)
     base.to(device)
     opt = recipe.optim
@@ -347,7 +368,12 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         optimizer, opt.schedule, warmup_steps=opt.warmup_steps, total_steps=recipe.train.steps
     )
     for component in list(trained):
-        trained[component] = accelerator.prepare(trained[component])
+        # several processes: no DDP wrapper (the loop calls the base's modules directly; the gradients are
+        # averaged by tuner.train.distributed.sync_gradients), only accelerate's placement and autocast
+        module = trained[component]
+        trained[component] = (accelerator.prepare(module) if shard.world == 1
+                              else accelerator.prepare_model(module, evaluation_mode=True))
+    broadcast_parameters([p for group in groups for p in group["params"]], shard.world)
     if not opt.fused_backward:
         optimizer = accelerator.prepare(optimizer)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
@@ -358,6 +384,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         accumulation=recipe.train.gradient_accumulation,
         steps=recipe.train.steps,
         batches_per_epoch=dataset.batches_per_epoch(recipe.train.batch_size) if buckets else 0,
+        processes=shard.world,
     )
     if arithmetic.samples_per_epoch < 1 or not math.isfinite(arithmetic.epochs):
         raise TunerError("the dataset has no samples")
@@ -383,4 +410,5 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         arithmetic=arithmetic,
         class_dataset=class_dataset,
         ema=ema,
+        shard=shard,
     )
