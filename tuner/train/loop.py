@@ -228,7 +228,7 @@ def train(run: Run, log=print) -> TrainResult:
                 raise TrainingStopped(_bad_steps_message(run, step, bad))
             if stop.signal is not None:
                 bar.close()
-                path = save(run, step) if shard.is_main else run.out_dir / "checkpoints"
+                path = save(run, step) if shard.is_main else run.out_dir / "checkpoints" / f"step_{step:06d}"
                 run.accelerator.wait_for_everyone()
                 report.write(step, f"stopped at step {step} by {stop.signal}; resume with --resume latest")
                 raise TrainingStopped(
