@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_circles
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tuner.train.distributed import Shard, check_launch
@@ -146,6 +147,9 @@ def test_two_processes_train_like_one_with_the_whole_batch_and_resume_across_cou
         assert_same(weights(tmp_path / "two", step), weights(tmp_path / "one", step))
         assert losses(tmp_path / "two", step) == pytest.approx(losses(tmp_path / "one", step), rel=RTOL)
     assert_same(load_file(tmp_path / "two" / "t.safetensors"), load_file(tmp_path / "one" / "t.safetensors"))
+    for run in ("one", "two"):  # kohya's total batch counts every process: 2 x 1 x 2 and 1 x 2 x 2
+        with safe_open(tmp_path / run / "t.safetensors", "pt") as f:
+            assert f.metadata()["ss_total_batch_size"] == "4"
     # 1 -> 2 processes: resumed at step 2, the same weights at step 4
     assert_same(weights(tmp_path / "two_resumed", 4), weights(tmp_path / "one", 4))
     # 2 -> 1 process: the 2-process checkpoint of step 2 continues in one process with batch 2

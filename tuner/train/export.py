@@ -49,7 +49,7 @@ def training_metadata(run: Run) -> dict[str, str]:
         "ss_gradient_accumulation_steps": str(r.train.gradient_accumulation),
         "ss_gradient_checkpointing": str(r.train.gradient_checkpointing),
         "ss_batch_size_per_device": str(r.train.batch_size),
-        "ss_total_batch_size": str(r.train.batch_size * r.train.gradient_accumulation),
+        "ss_total_batch_size": str(run.arithmetic.samples_per_step),  # x processes when data-parallel
         "ss_num_train_images": str(run.index.samples_per_epoch),
         "ss_num_reg_images": str(len(run.class_dataset.index.items) if run.class_dataset else 0),
         "ss_prior_loss_weight": str(r.prior.loss_weight if r.prior.enabled else 0.0),
