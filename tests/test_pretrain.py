@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from tuner.cli import main
 from tuner.tiny.pretrain import PretrainSettings, pretrain_scenes, pretrain_tiny
 from tuner.tiny.world import HELD_OUT
@@ -32,10 +34,11 @@ def test_pretrain_command_smoke(tmp_path, monkeypatch):
     real = pretrain.pretrain_scenes
     monkeypatch.setattr(pretrain, "pretrain_scenes", lambda: real()[::150])
     code = main(["pretrain-tiny", "--out", str(tmp_path), "--steps", "2", "--vae-steps", "2", "--batch-size", "2",
-                 "--decoder-steps", "2", "--eval-n", "2"])
+                 "--decoder-steps", "2", "--fg-weight", "4", "--eval-n", "2"])
     assert code == 0
     card = (tmp_path / "final" / "MODEL_CARD.md").read_text()
     assert "seen prompts (n = 2)" in card and "held-out pairs (n = 8)" in card and "pretrain-tiny" in card
+    assert json.loads((tmp_path / "settings.json").read_text())["fg_weight"] == 4.0 and "--fg-weight 4" in card
 
 
 def test_decoder_stage_keeps_the_latent_space(tmp_path):
@@ -63,3 +66,41 @@ def test_codec_augment_draws_world_geometry_in_free_colours():
     assert x.shape == (8, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
     pixels = ((x.permute(0, 2, 3, 1).reshape(-1, 3) + 1) * 127.5).round().unique(dim=0)
     assert len(pixels) > 16  # not the eight palette colours
+
+
+def test_object_weights_cover_the_object_in_latent_space():
+    """``--fg-weight``: latent pixels over the object weigh 1 + W, the rest 1 (checked against the mask)."""
+    import torch.nn.functional as F
+
+    from tuner.tiny.pretrain import _object_weights
+    from tuner.tiny.world import Scene, shape_mask
+
+    small = Scene(shape="square", color="red", background="blue", size="small", position="left")
+    large = Scene(shape="circle", color="red", background="blue", size="large", position="right")
+    w = _object_weights([small, large], 4.0)
+    assert w.shape == (2, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 5.0}
+    for i, s in enumerate((small, large)):
+        mask = torch.from_numpy(shape_mask(s.shape, s.size_px, s.cx)).float()
+        covered = F.avg_pool2d(mask[None, None], 4)[0, 0] > 0
+        assert (w[i, 0][covered] == 5.0).all()  # every latent pixel the object touches is weighted
+        assert (w[i, 0][:, :2] == 1.0).all() if s.position == "right" else (w[i, 0][:, -2:] == 1.0).all()
+    assert (w[1] > 1).sum() > (w[0] > 1).sum()  # the large object covers more
+
+
+def test_weighted_diffusion_loss():
+    """A weight map turns the per-sample MSE into a weighted mean; all-ones weights change nothing."""
+    from diffusers import DDPMScheduler
+
+    from tuner.train.objective import diffusion_loss
+
+    sched = DDPMScheduler(num_train_timesteps=10)
+    pred, target = torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4)
+    target[:, :, 0, 0] = 2.0  # error 4 on one latent pixel (of 16) per channel
+    t = torch.tensor([1, 5])
+    plain = diffusion_loss(pred, target, t, sched, prediction_type="epsilon")
+    ones = diffusion_loss(pred, target, t, sched, prediction_type="epsilon", weight=torch.ones(2, 1, 4, 4))
+    assert torch.allclose(plain, torch.full((2,), 4.0 / 16)) and torch.equal(plain, ones)
+    w = torch.ones(2, 1, 4, 4)
+    w[:, :, 0, 0] = 5.0  # the erring pixel weighs 5: 5*4 / (5 + 15)
+    weighted = diffusion_loss(pred, target, t, sched, prediction_type="epsilon", weight=w)
+    assert torch.allclose(weighted, torch.full((2,), 20.0 / 20))

@@ -53,6 +53,10 @@ class PretrainSettings:
     min_snr_gamma: float = 0.0
     """0 = plain v-prediction loss. Min-SNR weights the noisiest steps (where layout is decided) near zero."""
     caption_dropout: float = 0.1
+    fg_weight: float = 0.0
+    """Extra loss weight on the object: each latent pixel under the (dilated) object mask weighs
+    ``1 + fg_weight`` in the UNet's loss. The object covers 5-30% of an image, so with a plain MSE the
+    background dominates; small shapes' outlines are what the base draws worst. 0 = plain MSE."""
     ema_decay: float = 0.999
     decoder_steps: int = 0
     """Stage 3: fine-tune the VAE decoder alone on the frozen encoder's latents (the UNet's latent space does
@@ -84,6 +88,15 @@ def _pixels(scenes: list[world.Scene]) -> torch.Tensor:
     """``[N, 3, 64, 64]`` float32 in [-1, 1]."""
     arr = np.stack([world.render_array(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _object_weights(scenes: list[world.Scene], fg_weight: float, factor: int = 4) -> torch.Tensor:
+    """``[N, 1, 64 / factor, 64 / factor]`` loss weights: ``1 + fg_weight`` where the latent pixel (after a
+    3x3 dilation) overlaps the scene's object, else 1."""
+    masks = np.stack([world.shape_mask(s.shape, s.size_px, s.cx) for s in scenes]).astype(np.float32)
+    m = F.avg_pool2d(torch.from_numpy(masks)[:, None], factor)
+    m = F.max_pool2d(m, 3, stride=1, padding=1)
+    return 1.0 + fg_weight * (m > 0).float()
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -259,6 +272,7 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     with torch.no_grad():
         pixels = _pixels(scenes)
         mean, std = _latent_moments(vae, pixels)
+    weights = _object_weights(scenes, s.fg_weight) if s.fg_weight > 0 else None
     scale = float(vae.config.scaling_factor)
     unet.train()
     te.train()
@@ -285,7 +299,8 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
         pred = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
         target = target_for(sched.config.prediction_type, latents, noise, timesteps, sched)
         loss = diffusion_loss(pred, target, timesteps, sched, prediction_type=sched.config.prediction_type,
-                              min_snr_gamma=s.min_snr_gamma).mean()
+                              min_snr_gamma=s.min_snr_gamma,
+                              weight=None if weights is None else weights[t_idx]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -60,10 +60,21 @@ def diffusion_loss(
     *,
     prediction_type: str,
     min_snr_gamma: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample MSE ``[B]`` in fp32, weighted by min-SNR-gamma when ``min_snr_gamma > 0``
-    (Hang et al. 2023: weight ``min(snr, gamma) / snr`` for epsilon, ``/ (snr + 1)`` for v)."""
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    (Hang et al. 2023: weight ``min(snr, gamma) / snr`` for epsilon, ``/ (snr + 1)`` for v).
+
+    ``weight``: optional per-element weights broadcastable to ``pred`` (e.g. ``[B, 1, H, W]``, a latent-space
+    mask): each sample's loss is then the weighted mean ``sum(w * err) / sum(w)``, so its scale stays that
+    of the plain MSE."""
+    dims = tuple(range(1, pred.ndim))
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weight is None:
+        loss = err.mean(dim=dims)
+    else:
+        w = weight.float().expand_as(err)
+        loss = (w * err).sum(dim=dims) / w.sum(dim=dims).clamp(min=1e-12)
     if min_snr_gamma > 0:
         s = snr(noise_scheduler, timesteps)
         clipped = torch.clamp(s, max=min_snr_gamma)
