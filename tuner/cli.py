@@ -100,11 +100,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     skeleton = build_skeleton(recipe.model.base, args.family)
     plan = plan_recipe(recipe, skeleton=skeleton)
     fitted = fit(skeleton, recipe, args.vram) if args.vram else None
-    table = presets(skeleton, recipe) if args.vram else []
+    table = presets(skeleton, recipe) if args.vram or args.presets else []
     if args.json:
         doc = {"plan": plan.to_dict()}
         if args.vram:
-            doc["vram_gb"], doc["fit"], doc["presets"] = args.vram, fitted.to_dict() if fitted else None, table
+            doc["vram_gb"], doc["fit"] = args.vram, fitted.to_dict() if fitted else None
+        if table:
+            doc["presets"] = table
         print(json.dumps(doc, indent=2))
         return 0
     print(format_plan(plan))
@@ -117,8 +119,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:
             from tuner.plan.estimate import changes
 
-            print(f"fits with {' '.join('--set ' + c for c in changes(plan.settings, fitted.settings))}\n")
+            fix = changes(plan.settings, fitted.settings, recipe.train.max_grad_norm)
+            print(f"fits with {' '.join('--set ' + c for c in fix)}\n")
             print(format_plan(fitted))
+    if table:
         print(f"\npresets (cheapest changes that fit):\n{format_presets(table)}")
     return 0
 
@@ -412,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict a recipe's GPU memory, FLOPs and time before training")
     _add_recipe_options(p)
     p.add_argument("--vram", type=float, metavar="GB", help="propose the cheapest settings that fit GB, with presets")
+    p.add_argument("--presets", action="store_true", help="the cheapest settings for 8, 12, 16 and 24 GB cards")
     p.add_argument("--family", help="plan for this family's architecture (tiny, sd15, sd2, sd2v, sdxl), not the base")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)

@@ -21,8 +21,9 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = dict(
 )  # fmt: skip
 
 
-def sd15_random_base(seed: int = 0) -> BaseModel:
-    """SD1.5's UNet (860M), VAE and CLIP ViT-L text encoder with random weights, fp32, on the CPU.
+def sd15_random_base(seed: int = 0, device: str | torch.device = "cpu") -> BaseModel:
+    """SD1.5's UNet (860M), VAE and CLIP ViT-L text encoder with random weights, fp32, on ``device``
+    (built there directly: a GPU initialises the weights in a fraction of the CPU's time).
 
     The tokenizer is the tiny base's (the real CLIP vocabulary is not needed for memory or key names; its
     ids stay below SD1.5's 49408-token embedding table).
@@ -36,13 +37,41 @@ def sd15_random_base(seed: int = 0) -> BaseModel:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     tokenizer.model_max_length = 77
+    with torch.device(device):
+        return BaseModel(
+            family=SD15,
+            unet=UNet2DConditionModel(**SD15_UNET_CONFIG).eval(),
+            vae=AutoencoderKL(**SD15_VAE_CONFIG).eval(),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).eval(),
+            tokenizer=tokenizer,
+            scheduler_config=dict(SD15_SCHEDULER_CONFIG),
+            source="sd15-random",
+            is_random=True,
+        )
+
+
+def sdxl_random_base(seed: int = 0, device: str | torch.device = "cpu") -> BaseModel:
+    """SDXL base's UNet (2.57B), VAE and both text encoders (CLIP ViT-L, OpenCLIP ViT-bigG with projection)
+    with random weights, fp32, on ``device``, from the configs shipped in ``tuner/models/configs/sdxl``,
+    with SDXL's real tokenizers. About 14 GB in fp32: build it on a GPU or a large-memory machine."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from tuner.models.families import SDXL
+    from tuner.models.single_file import build_tokenizer, family_config, scheduler_config
+
+    torch.manual_seed(seed)
+    parts: dict[str, Any] = {}
+    with torch.device(device):
+        parts["unet"] = UNet2DConditionModel.from_config(family_config(SDXL, "unet")).eval()
+        parts["vae"] = AutoencoderKL.from_config(family_config(SDXL, "vae")).eval()
+        for spec in SDXL.text_encoders:
+            cfg = family_config(SDXL, spec.component)
+            cfg.pop("architectures", None)
+            model_class = getattr(transformers, spec.model_class)
+            parts[spec.component] = model_class(transformers.CLIPTextConfig(**cfg)).eval()
+    for spec in SDXL.text_encoders:
+        parts[spec.tokenizer] = build_tokenizer(SDXL, spec.tokenizer)
     return BaseModel(
-        family=SD15,
-        unet=UNet2DConditionModel(**SD15_UNET_CONFIG).eval(),
-        vae=AutoencoderKL(**SD15_VAE_CONFIG).eval(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).eval(),
-        tokenizer=tokenizer,
-        scheduler_config=dict(SD15_SCHEDULER_CONFIG),
-        source="sd15-random",
-        is_random=True,
+        family=SDXL, scheduler_config=scheduler_config(SDXL), source="sdxl-random", is_random=True, **parts
     )

@@ -20,7 +20,14 @@ its own half-precision copy of an fp32 norm output, so those terms are split by 
 
 With gradient checkpointing (diffusers checkpoints each ResNet block and each transformer block) only the
 inputs of the checkpointed units stay, plus everything outside them, plus one unit recomputed at a time
-during backward (the largest one is what counts).
+during backward.
+
+The peak is found by walking the backward pass (:func:`backward_peak`): it runs the units in reverse, and
+when it reaches unit ``k`` the activations saved by units ``0..k`` are still alive, unit ``k`` is being
+recomputed (checkpointing), a few gradient-sized buffers of its feature map are in flight, and the weight
+gradients of units ``k..end`` exist. For LoRA the gradients are negligible and the peak is the start of
+backward; for a full fine-tune it is later, where the early high-resolution blocks' activations meet
+almost every gradient (the sum of all activations and all gradients never exists at once).
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ class Unit:
     input: int
     checkpointed: bool
     flops: int
+    map: int = 0
+    """Elements of the unit's largest feature map (its gradient flows through backward at this size)."""
+    params: int = 0
+    """Parameters of the unit's modules (their gradients appear when backward passes the unit)."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +65,22 @@ class ActivationEstimate:
     forward_flops: int
     """One forward pass of the whole batch."""
     largest_unit: str
+    units: tuple[Unit, ...] = ()
+    """Per-sample units in forward order (for :func:`backward_peak`)."""
+    batch: int = 1
+    act_bytes: int = 4
+    checkpointing: bool = False
+    params: int = 0
+    """All UNet parameters (units and the embeddings outside them)."""
 
 
 def _base(module: nn.Module) -> nn.Module:
     """The wrapped layer of a peft LoRA layer (a live model with an adapter attached), else the module."""
     return getattr(module, "base_layer", module)
+
+
+def _params(*modules: nn.Module | None) -> int:
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
 def _conv_flops(conv: nn.Module, out_pixels: int) -> int:
@@ -92,14 +114,32 @@ def _resnet(name: str, block: nn.Module, pixels: int, saving: Saving) -> Unit:
     # norm1/silu1/conv1 inputs, norm2/silu2/conv2 inputs (the shortcut conv shares the block input); under
     # autocast the norm and SiLU inputs are fp32 and the convs keep half copies (the shortcut its own)
     if not saving.autocast:
-        return Unit(name, wide=0, narrow=3 * (ci + co) * pixels, input=ci * pixels, checkpointed=True, flops=flops)
+        return Unit(
+            name,
+            wide=0,
+            narrow=3 * (ci + co) * pixels,
+            input=ci * pixels,
+            checkpointed=True,
+            flops=flops,
+            map=max(ci, co) * pixels,
+            params=_params(block),
+        )
     shortcut = ci if block.conv_shortcut is not None else 0
-    return Unit(name, wide=2 * (ci + co) * pixels, narrow=(ci + co + shortcut) * pixels, input=ci * pixels,
-                checkpointed=True, flops=flops)
+    return Unit(
+        name,
+        wide=2 * (ci + co) * pixels,
+        narrow=(ci + co + shortcut) * pixels,
+        input=ci * pixels,
+        checkpointed=True,
+        flops=flops,
+        map=max(ci, co) * pixels,
+        params=_params(block),
+    )
 
 
-def _transformer_block(name: str, block: nn.Module, tokens: int, context: int, context_dim: int,
-                       saving: Saving) -> Unit:
+def _transformer_block(
+    name: str, block: nn.Module, tokens: int, context: int, context_dim: int, saving: Saving
+) -> Unit:
     c = block.norm1.normalized_shape[0]
     inner = _base(block.attn1.to_q).out_features
     ff_in = _base(block.ff.net[0].proj)
@@ -117,39 +157,82 @@ def _transformer_block(name: str, block: nn.Module, tokens: int, context: int, c
     flops = 2 * n * (4 * c * inner + f * (3 if gated else 2) * c)  # q,k,v,out of attn1; ff
     flops += 2 * (n * c * inner * 2 + 2 * L * context_dim * inner)  # attn2 q,out; k,v over the prompt
     flops += 2 * 2 * inner * n * (n + L)  # QK^T and AV, both attentions
-    return Unit(name, wide=3 * c * n, narrow=attn1 + attn2 + ff, input=c * n, checkpointed=True, flops=flops)
+    return Unit(
+        name,
+        wide=3 * c * n,
+        narrow=attn1 + attn2 + ff,
+        input=c * n,
+        checkpointed=True,
+        flops=flops,
+        map=c * n,
+        params=_params(block),
+    )
 
 
-def _transformer(name: str, model: nn.Module, pixels: int, context: int, context_dim: int,
-                 saving: Saving) -> list[Unit]:
+def _transformer(
+    name: str, model: nn.Module, pixels: int, context: int, context_dim: int, saving: Saving
+) -> list[Unit]:
     c = model.norm.num_channels
     proj = (_base(model.proj_in), _base(model.proj_out))
-    flops = sum(2 * (m.in_features * m.out_features if isinstance(m, nn.Linear) else m.in_channels * m.out_channels)
-                * pixels for m in proj)
+    flops = sum(
+        2
+        * (m.in_features * m.out_features if isinstance(m, nn.Linear) else m.in_channels * m.out_channels)
+        * pixels
+        for m in proj
+    )
     kept = sum(1 for m in proj if isinstance(m, nn.Conv2d) or saving.other)
-    units = [Unit(f"{name}.norm+proj", wide=c * pixels, narrow=kept * c * pixels, input=0, checkpointed=False,
-                  flops=flops)]
+    units = [
+        Unit(
+            f"{name}.norm+proj",
+            wide=c * pixels,
+            narrow=kept * c * pixels,
+            input=0,
+            checkpointed=False,
+            flops=flops,
+            map=c * pixels,
+            params=_params(model.norm, model.proj_in, model.proj_out),
+        )
+    ]
     for i, block in enumerate(model.transformer_blocks):
         units.append(_transformer_block(f"{name}.block{i}", block, pixels, context, context_dim, saving))
     return units
 
 
-def _plain(name: str, elements: int, flops: int) -> Unit:
-    return Unit(name, wide=0, narrow=elements, input=0, checkpointed=False, flops=flops)
+def _plain(name: str, elements: int, flops: int, map_: int, module: nn.Module) -> Unit:
+    return Unit(
+        name,
+        wide=0,
+        narrow=elements,
+        input=0,
+        checkpointed=False,
+        flops=flops,
+        map=map_,
+        params=_params(module),
+    )
 
 
 def unet_units(unet: nn.Module, height: int, width: int, context: int, saving: Saving) -> list[Unit]:
     """Per-sample units of ``unet`` at latent size ``height x width`` with ``context`` prompt tokens."""
     h, w = height, width
     ctx_dim = unet.config.cross_attention_dim
-    units = [_plain("conv_in", _base(unet.conv_in).in_channels * h * w, _conv_flops(unet.conv_in, h * w))]
+    units = [
+        _plain(
+            "conv_in",
+            _base(unet.conv_in).in_channels * h * w,
+            _conv_flops(unet.conv_in, h * w),
+            _base(unet.conv_in).out_channels * h * w,
+            unet.conv_in,
+        )
+    ]
 
     def stage(prefix: str, block: nn.Module, h: int, w: int) -> list[Unit]:
         out = []
         attentions = getattr(block, "attentions", None) or []
         for i, resnet in enumerate(block.resnets):
             if prefix.startswith("mid") and i > 0 and attentions:  # mid: resnet, (attn, resnet)...
-                out += _transformer(f"{prefix}.attn{i - 1}", attentions[i - 1], h * w, context, ctx_dim, saving)
+                out += _transformer(
+                    f"{prefix}.attn{i - 1}", attentions[i - 1], h * w, context, ctx_dim, saving
+                )
             out.append(_resnet(f"{prefix}.resnet{i}", resnet, h * w, saving))
             if not prefix.startswith("mid") and i < len(attentions):
                 out += _transformer(f"{prefix}.attn{i}", attentions[i], h * w, context, ctx_dim, saving)
@@ -160,19 +243,43 @@ def unet_units(unet: nn.Module, height: int, width: int, context: int, saving: S
         for sampler in block.downsamplers or []:
             before = h * w
             h, w = (h + 1) // 2, (w + 1) // 2
-            units.append(_plain(f"down{d}.downsample", _base(sampler.conv).in_channels * before,
-                                _conv_flops(sampler.conv, h * w)))
+            units.append(
+                _plain(
+                    f"down{d}.downsample",
+                    _base(sampler.conv).in_channels * before,
+                    _conv_flops(sampler.conv, h * w),
+                    _base(sampler.conv).in_channels * before,
+                    sampler,
+                )
+            )
     if unet.mid_block is not None:
         units += stage("mid", unet.mid_block, h, w)
     for u, block in enumerate(unet.up_blocks):
         units += stage(f"up{u}", block, h, w)
         for sampler in block.upsamplers or []:
             h, w = h * 2, w * 2
-            units.append(_plain(f"up{u}.upsample", _base(sampler.conv).in_channels * h * w,
-                                _conv_flops(sampler.conv, h * w)))
+            units.append(
+                _plain(
+                    f"up{u}.upsample",
+                    _base(sampler.conv).in_channels * h * w,
+                    _conv_flops(sampler.conv, h * w),
+                    _base(sampler.conv).in_channels * h * w,
+                    sampler,
+                )
+            )
     c0 = _base(unet.conv_out).in_channels
-    units.append(Unit("norm_out+conv_out", wide=2 * c0 * h * w, narrow=c0 * h * w, input=0, checkpointed=False,
-                      flops=_conv_flops(unet.conv_out, h * w)))
+    units.append(
+        Unit(
+            "norm_out+conv_out",
+            wide=2 * c0 * h * w,
+            narrow=c0 * h * w,
+            input=0,
+            checkpointed=False,
+            flops=_conv_flops(unet.conv_out, h * w),
+            map=c0 * h * w,
+            params=_params(unet.conv_norm_out, unet.conv_out),
+        )
+    )
     return units
 
 
@@ -208,7 +315,58 @@ def estimate_unet(
         workspace_bytes=workspace * batch,
         forward_flops=sum(u.flops for u in units) * batch,
         largest_unit=largest.name,
+        units=tuple(units),
+        batch=batch,
+        act_bytes=act_bytes,
+        checkpointing=checkpointing,
+        params=_params(unet),
     )
+
+
+@dataclass(frozen=True)
+class Moment:
+    """What is alive at the worst moment of forward + backward (bytes, the whole batch)."""
+
+    where: str
+    saved: int
+    """Activations saved for backward and not yet used (plus ``before``: the text encoder's)."""
+    workspace: int
+    """In flight: gradient buffers of the current unit's feature map and, with checkpointing, its
+    recomputed activations."""
+    gradient_params: int
+    """UNet parameters whose gradient exists then (only when the whole UNet trains; else 0)."""
+
+
+GRADIENT_BUFFERS = 3
+"""Feature-map-sized buffers in flight while backward crosses a unit: the gradient arriving at its output,
+the gradient being produced for its input, and one op's intermediate."""
+
+
+def backward_peak(
+    est: ActivationEstimate, *, unet_trains: bool, grad_bytes: int = 4, before: int = 0
+) -> Moment:
+    """Walk the backward pass of ``est`` (its units in reverse) and return the moment where saved
+    activations + workspace + the UNet's weight gradients (``unet_trains``: a full fine-tune, at
+    ``grad_bytes`` per parameter) are largest. ``before``: activations saved before the UNet ran (a text
+    encoder in the graph), alive until backward leaves the UNet."""
+    units, b, ab = est.units, est.batch, est.act_bytes
+
+    def full(u: Unit) -> int:
+        return (u.wide * 4 + u.narrow * ab) * b
+
+    kept = [u.input * ab * b if (est.checkpointing and u.checkpointed) else full(u) for u in units]
+    best = Moment("forward end", before + sum(kept), 0, 0)
+    alive, grads = before + sum(kept), 0
+    for u, k in zip(reversed(units), reversed(kept), strict=True):
+        grads += u.params if unet_trains else 0
+        work = GRADIENT_BUFFERS * u.map * ab * b + (full(u) if est.checkpointing and u.checkpointed else 0)
+        if (
+            alive + work + grads * grad_bytes
+            > best.saved + best.workspace + best.gradient_params * grad_bytes
+        ):
+            best = Moment(f"backward through {u.name}", alive, work, grads)
+        alive -= k
+    return best
 
 
 def text_encoder_activation_bytes(encoder: nn.Module, tokens: int, batch: int, act_bytes: int) -> int:

@@ -31,6 +31,8 @@ from typing import Any
 from tuner.config.schema import Recipe
 from tuner.errors import TunerError
 from tuner.plan.activations import (
+    GRADIENT_BUFFERS,
+    backward_peak,
     estimate_unet,
     text_encoder_activation_bytes,
     text_encoder_flops,
@@ -71,6 +73,10 @@ class Settings:
     gradient_checkpointing: bool
     optimizer: str
     cache_latents: bool
+    cache_prompts: bool = True
+    weight_dtype: str = "auto"
+    fused_backward: bool = False
+    ema_on_cpu: bool = False
 
 
 @dataclass
@@ -125,7 +131,8 @@ def settings_from_recipe(recipe: Recipe, native_resolution: int) -> Settings:
         resolution=recipe.data.resolution or native_resolution, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, mixed_precision=t.mixed_precision,
         gradient_checkpointing=t.gradient_checkpointing, optimizer=recipe.optim.optimizer,
-        cache_latents=t.cache_latents,
+        cache_latents=t.cache_latents, cache_prompts=t.cache_prompts, weight_dtype=t.weight_dtype,
+        fused_backward=recipe.optim.fused_backward, ema_on_cpu=t.ema_on_cpu,
     )  # fmt: skip
 
 
@@ -147,6 +154,33 @@ def optimizer_state_bytes(name: str, shapes: list[tuple[int, ...]]) -> int:
     return total
 
 
+def optimizer_step_bytes(
+    name: str, shapes: dict[str, list[tuple[int, ...]]], *, device: str = "cuda", fused: bool = False
+) -> int:
+    """Transient bytes of one optimizer step over param groups ``shapes`` (component -> tensor shapes).
+
+    - ``adamw``: on an accelerator PyTorch's default multi-tensor path computes ``sqrt(v)`` for a whole
+      param group into new tensors (one fp32 copy of the group); on the CPU it runs tensor by tensor and
+      ``exp_avg_sq.sqrt() / bias_correction`` holds two temporaries of one tensor.
+    - ``adamw8bit``: bitsandbytes updates blockwise in place on an accelerator; its CPU path dequantises
+      both states of one tensor to fp32.
+    - ``adafactor``: tensor by tensor, ``grad**2``, the update and its RMS: three of one tensor.
+
+    ``fused``: each tensor is its own group (``optim.fused_backward``)."""
+    sizes = [_count([sh]) for v in shapes.values() for sh in v]
+    if not sizes:
+        return 0
+    largest = max(sizes)
+    largest_group = largest if fused else max(_count(v) for v in shapes.values())
+    if name == "adamw":
+        return 4 * (largest_group if device != "cpu" else 2 * largest)
+    if name == "adamw8bit":
+        return 0 if device != "cpu" else 2 * 4 * largest
+    if name == "adafactor":
+        return 3 * 4 * largest
+    raise TunerError(f"the planner does not know optimizer {name!r}")
+
+
 def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, ...]]], set[str]]:
     """component -> shapes of its trained tensors, and the components trained in full (whose frozen
     weights therefore do not count)."""
@@ -158,12 +192,22 @@ def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, 
     full: set[str] = set()
     if method in ("lora", "pivotal"):
         conv = a.targets == "locon"
-        plan = plan_ranks(sk.unet, unet_targets(sk.unet, a.targets), rank=a.rank, alpha=a.alpha,
-                          conv_rank=a.conv_rank if conv else None, conv_alpha=a.conv_alpha if conv else None)
+        plan = plan_ranks(
+            sk.unet,
+            unet_targets(sk.unet, a.targets),
+            rank=a.rank,
+            alpha=a.alpha,
+            conv_rank=a.conv_rank if conv else None,
+            conv_alpha=a.conv_alpha if conv else None,
+        )
         shapes["unet"] = [(n,) for n in lora_tensor_sizes(sk.unet, plan)]
         if a.train_text_encoder:
-            te_plan = plan_ranks(te, text_encoder_targets(te), rank=a.text_encoder_rank or a.rank,
-                                 alpha=a.text_encoder_alpha or a.alpha)
+            te_plan = plan_ranks(
+                te,
+                text_encoder_targets(te),
+                rank=a.text_encoder_rank or a.rank,
+                alpha=a.text_encoder_alpha or a.alpha,
+            )
             shapes[te_name] = [(n,) for n in lora_tensor_sizes(te, te_plan)]
     if method == "dreambooth":
         full.add("unet")
@@ -193,21 +237,25 @@ def unet_trained(recipe: Recipe) -> str:
     return {"dreambooth": "all", "textual_inversion": "none"}.get(method, recipe.adapter.targets)
 
 
-def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings) -> Plan:
-    """The memory plan of ``recipe`` with ``settings`` (which override the recipe's own knobs)."""
+def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = "cuda") -> Plan:
+    """The memory plan of ``recipe`` with ``settings`` (which override the recipe's own knobs) on a
+    ``device`` of type ``cuda`` (any accelerator) or ``cpu`` (they differ only in the optimizer's step:
+    PyTorch's AdamW runs its multi-tensor path on accelerators and tensor by tensor on the CPU)."""
     s, t, method = settings, recipe.train, recipe.adapter.method
     if s.resolution % sk.vae_scale_factor:
-        raise TunerError(f"resolution {s.resolution} must be a multiple of {sk.vae_scale_factor} for this base")
+        raise TunerError(
+            f"resolution {s.resolution} must be a multiple of {sk.vae_scale_factor} for this base"
+        )
     half = s.mixed_precision in ("fp16", "bf16")
     frozen_b, act_b = (2, 2) if half else (4, 4)
-    if t.weight_dtype == "fp32":
+    if s.weight_dtype == "fp32":
         frozen_b = 4
     batch = s.batch_size * (2 if recipe.prior.enabled else 1)
     shapes, full = _trainable(sk, recipe)
     trainable = sum(_count(v) for v in shapes.values())
 
     te_in_graph = method in ("textual_inversion", "pivotal") or recipe.adapter.train_text_encoder
-    te_on_device = te_in_graph or not t.cache_prompts or recipe.data.shuffle_tags
+    te_on_device = te_in_graph or not s.cache_prompts or recipe.data.shuffle_tags
     resident = {"unet": sk.unet}
     if te_on_device:
         resident.update(sk.text_encoders)
@@ -216,47 +264,105 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings) -> Plan:
     frozen = sum(param_count(m) for name, m in resident.items() if name not in full)
     vae_fp32 = "vae" in resident and recipe.model.vae_dtype == "fp32" and frozen_b == 2
     frozen_bytes = frozen * frozen_b + (2 * param_count(sk.vae) if vae_fp32 else 0)
-    fused = recipe.optim.fused_backward
-    grads = max((_count([sh]) for v in shapes.values() for sh in v), default=0) if fused else trainable
+    fused = s.fused_backward
+    all_shapes = [sh for v in shapes.values() for sh in v]
+    largest = max((_count([sh]) for sh in all_shapes), default=0)
     components = [
-        Component("frozen weights", frozen_bytes,
-                  f"{frozen / 1e6:,.1f}M params ({', '.join(n for n in resident if n not in full)}) "
-                  f"at {frozen_b} bytes" + (" (VAE at 4)" if vae_fp32 else "")),
+        Component(
+            "frozen weights",
+            frozen_bytes,
+            f"{frozen / 1e6:,.1f}M params ({', '.join(n for n in resident if n not in full)}) "
+            f"at {frozen_b} bytes" + (" (VAE at 4)" if vae_fp32 else "")
+            if frozen
+            else "none on the device (cached components moved off it)",
+        ),
         Component("trainable weights", trainable * 4, f"{trainable / 1e6:,.2f}M params, fp32"),
-        Component("gradients", grads * 4, "fp32, fused backward: largest tensor only" if fused else "fp32"),
-        Component("optimizer states", optimizer_state_bytes(s.optimizer, [sh for v in shapes.values() for sh in v]),
-                  s.optimizer),
+        Component("optimizer states", optimizer_state_bytes(s.optimizer, all_shapes), s.optimizer),
     ]
-    if t.ema_decay > 0 and not t.ema_on_cpu:
+    if t.ema_decay > 0 and not s.ema_on_cpu:
         components.append(Component("EMA copy", trainable * 4, "fp32, train.ema_on_cpu = false"))
 
     lat = s.resolution // sk.vae_scale_factor
-    unet_act = estimate_unet(sk.unet, height=lat, width=lat, context=sk.context_tokens, batch=batch,
-                             act_bytes=act_b, checkpointing=s.gradient_checkpointing, trained=unet_trained(recipe))
+    unet_act = estimate_unet(
+        sk.unet,
+        height=lat,
+        width=lat,
+        context=sk.context_tokens,
+        batch=batch,
+        act_bytes=act_b,
+        checkpointing=s.gradient_checkpointing,
+        trained=unet_trained(recipe),
+    )
     te_name, te = next(iter(sk.text_encoders.items()))
-    act = unet_act.saved_bytes
-    note = f"UNet at {lat}x{lat} latents, batch {batch}" + (", checkpointed" if s.gradient_checkpointing else "")
-    if te_in_graph:
-        act += text_encoder_activation_bytes(te, sk.context_tokens, batch, act_b)
-        note += " + text encoder"
-    components.append(Component("activations", act, note))
-    workspace, ws_note = unet_act.workspace_bytes, f"gradient buffers; recomputed block {unet_act.largest_unit}"
+    te_act = text_encoder_activation_bytes(te, sk.context_tokens, batch, act_b) if te_in_graph else 0
+    unet_full = "unet" in full and not fused
+    moment = backward_peak(unet_act, unet_trains=unet_full, before=te_act)
+    # gradients alive at the backward peak: the UNet's as the walk found them; everything else trained (LoRA
+    # factors, token rows: small) counted whole; a fully trained text encoder's come after the UNet's
+    other_grads = (
+        trainable
+        - (_count(shapes["unet"]) if "unet" in full else 0)
+        - (_count(shapes[te_name]) if te_name in full else 0)
+    )
+    grads_at_peak = largest if fused else moment.gradient_params + other_grads
+    step_temp = optimizer_step_bytes(s.optimizer, shapes, device=device, fused=fused)
+    note = f"UNet at {lat}x{lat} latents, batch {batch}" + (
+        ", checkpointed" if s.gradient_checkpointing else ""
+    )
+    note += " + text encoder" if te_in_graph else ""
+    workspace, ws_note = (
+        moment.workspace,
+        f"{GRADIENT_BUFFERS} gradient buffers"
+        + ("; the recomputed block" if s.gradient_checkpointing else ""),
+    )
+    if fused:  # each tensor is stepped inside backward: its step's temporaries join the walk's peak
+        workspace, ws_note = workspace + step_temp, ws_note + "; one fused per-tensor step"
     if not s.cache_latents:
         vae_ws = vae_encode_workspace(sk.vae, s.resolution, s.resolution, batch, frozen_b)
-        if vae_ws - act > workspace:
-            workspace, ws_note = vae_ws - act, "VAE encode of the batch (latents not cached)"
-    components.append(Component("workspace", workspace, ws_note))
+        if vae_ws - moment.saved > workspace:
+            workspace, ws_note = vae_ws - moment.saved, "VAE encode of the batch (latents not cached)"
+    backward = [
+        Component(
+            "gradients",
+            grads_at_peak * 4,
+            "fp32, fused backward: largest tensor only"
+            if fused
+            else f"fp32, alive at the peak ({moment.where})",
+        ),
+        Component("activations", moment.saved, note + f"; alive at the peak ({moment.where})"),
+        Component("workspace", workspace, ws_note),
+    ]
+    # the optimizer step: every gradient at once, activations gone, plus the step's own temporaries
+    step = [
+        Component("gradients", trainable * 4, "fp32, all of them (the optimizer step)"),
+        Component("activations", 0, note + "; freed by the optimizer step"),
+        Component("workspace", step_temp, f"{s.optimizer} step temporaries on {device}"),
+    ]
+    peak = step if not fused and sum(c.bytes for c in step) > sum(c.bytes for c in backward) else backward
+    components[2:2] = peak[:1]
+    components += peak[1:]
 
     flops = 3 * unet_act.forward_flops + (unet_act.forward_flops if s.gradient_checkpointing else 0)
     flops += text_encoder_flops(te, sk.context_tokens, batch) * (3 if te_in_graph else int(te_on_device))
     if not s.cache_latents:
         flops += vae_encode_flops(sk.vae, s.resolution, s.resolution, batch)
     flops *= s.gradient_accumulation
-    plan = Plan(family=sk.family.name, method=method, settings=s, batch_on_device=batch, components=components,
-                trainable_params=trainable, frozen_params=frozen, step_flops=flops, times=_times(flops, half))
-    if half and t.weight_dtype == "fp32":
-        plan.notes.append("train.weight_dtype = 'fp32' keeps frozen weights in fp32 under autocast (4 bytes); "
-                          "'auto' stores them in the autocast dtype (2 bytes)")
+    plan = Plan(
+        family=sk.family.name,
+        method=method,
+        settings=s,
+        batch_on_device=batch,
+        components=components,
+        trainable_params=trainable,
+        frozen_params=frozen,
+        step_flops=flops,
+        times=_times(flops, half),
+    )
+    if half and s.weight_dtype == "fp32":
+        plan.notes.append(
+            "train.weight_dtype = 'fp32' keeps frozen weights in fp32 under autocast (4 bytes); "
+            "'auto' stores them in the autocast dtype (2 bytes)"
+        )
     return plan
 
 
@@ -265,77 +371,153 @@ def _times(flops: int, half: bool) -> list[dict[str, Any]]:
     for name, mem_gb, fp32, tensor in DEVICES:
         peak = (tensor if half else fp32) * 1e12
         lo, hi = flops / (peak * UTILISATION[1]), flops / (peak * UTILISATION[0])
-        rows.append({"device": name, "memory_gb": mem_gb, "seconds_min": round(lo, 4), "seconds_max": round(hi, 4)})
+        rows.append(
+            {"device": name, "memory_gb": mem_gb, "seconds_min": round(lo, 4), "seconds_max": round(hi, 4)}
+        )
     return rows
 
 
-def plan_recipe(recipe: Recipe, *, family: str | None = None, skeleton: Skeleton | None = None) -> Plan:
+def plan_recipe(
+    recipe: Recipe, *, family: str | None = None, skeleton: Skeleton | None = None, device: str = "cuda"
+) -> Plan:
     """Predict the peak memory of training ``recipe`` (no weight is loaded). ``family``: plan for that
-    family's architecture instead of ``recipe.model.base`` (e.g. ``sdxl``)."""
+    family's architecture instead of ``recipe.model.base`` (e.g. ``sdxl``); ``device``: see :func:`plan_for`."""
     sk = skeleton or build_skeleton(recipe.model.base, family)
-    return plan_for(sk, recipe, settings_from_recipe(recipe, sk.family.resolution))
+    return plan_for(sk, recipe, settings_from_recipe(recipe, sk.family.resolution), device=device)
 
 
 # --- fitting a memory budget ------------------------------------------------------------------------------
 
-# (what changes, cost): cheap first. Costs reflect speed and quality, not memory.
-_COST = {"cache_latents": 0, "mixed_precision": 1, "optimizer": 2, "gradient_checkpointing": 4}
+# What each change costs in speed or quality (not memory); the search minimises the sum. Free: caching
+# (same computation, the components leave the device). Cheap: half-precision storage and autocast, the EMA
+# copy on the CPU (a transfer per step), 8-bit AdamW (close to AdamW in practice), fused backward (no
+# clipping by the global norm). Dearer: Adafactor (another optimizer), gradient checkpointing (~30% more
+# time), a smaller micro-batch (accumulation keeps the effective batch, at lower throughput), and last a
+# lower resolution (changes what is learnt).
+_COST = {
+    "cache_latents": 0,
+    "cache_prompts": 0,
+    "weight_dtype": 1,
+    "mixed_precision": 1,
+    "ema_on_cpu": 1,
+    "adamw8bit": 2,
+    "fused_backward": 2,
+    "adafactor": 3,
+    "gradient_checkpointing": 4,
+    "halve_batch": 3,
+    "resolution_64": 10,
+}
 
 
-def candidates(recipe: Recipe, base: Settings, native: int, optimizers: tuple[str, ...]) -> list[tuple[int, Settings]]:
-    """Every settings variant worth trying, with its cost (0 = the recipe as is)."""
-    out = []
+def candidates(
+    recipe: Recipe, base: Settings, native: int, optimizers: tuple[str, ...]
+) -> list[tuple[int, Settings]]:
+    """Every settings variant worth trying, with its cost (0 = the recipe as is). Only changes that keep
+    the recipe valid are tried: cached latents need centre crops, cached prompts frozen text encoders and
+    no tag shuffling, fused backward a full fine-tune without accumulation or fp16."""
+    method = recipe.adapter.method
     batches = sorted({base.batch_size, *(b for b in (1, 2, 4) if b < base.batch_size)}, reverse=True)
-    resolutions = [base.resolution] + [r for r in range(base.resolution - 64, max(255, native // 2 - 1), -64)
-                                       if r % 64 == 0 and r >= 256]
+    resolutions = [base.resolution] + [
+        r for r in range(base.resolution - 64, max(255, native // 2 - 1), -64) if r % 64 == 0 and r >= 256
+    ]
     precisions = [base.mixed_precision] if base.mixed_precision != "no" else ["no", "bf16"]
-    opts = [base.optimizer] + [o for o in ("adamw8bit", "adafactor") if o in optimizers and o != base.optimizer]
-    if recipe.adapter.method == "textual_inversion":
+    opts = [base.optimizer] + [
+        o for o in ("adamw8bit", "adafactor") if o in optimizers and o != base.optimizer
+    ]
+    if method == "textual_inversion":
         opts = [base.optimizer]  # a few thousand trained values: the optimizer never matters
-    for cache, mp, opt, gc, b, r in itertools.product(
+    te_frozen = method not in ("textual_inversion", "pivotal") and not recipe.adapter.train_text_encoder
+    prompts = (
+        {base.cache_prompts, True} if te_frozen and not recipe.data.shuffle_tags else {base.cache_prompts}
+    )
+    fusable = method == "dreambooth"
+    out = []
+    for cache, prompt, mp, wd, opt, fused, gc, b, r, ema in itertools.product(
         {base.cache_latents, True} if recipe.data.center_crop else {base.cache_latents},
-        precisions, opts, {base.gradient_checkpointing, True}, batches, resolutions,
+        prompts,
+        precisions,
+        {base.weight_dtype, "auto"},
+        opts,
+        {base.fused_backward, True} if fusable else {base.fused_backward},
+        {base.gradient_checkpointing, True},
+        batches,
+        resolutions,
+        {base.ema_on_cpu, True} if recipe.train.ema_decay > 0 else {base.ema_on_cpu},
     ):
-        s = replace(base, cache_latents=cache, mixed_precision=mp, optimizer=opt, gradient_checkpointing=gc,
-                    batch_size=b, resolution=r,
-                    gradient_accumulation=base.gradient_accumulation * max(1, base.batch_size // b))
-        cost = (_COST["cache_latents"] * (cache != base.cache_latents)
-                + _COST["mixed_precision"] * (mp != base.mixed_precision)
-                + _COST["optimizer"] * (opt != base.optimizer) + (1 if opt == "adafactor" else 0)
-                + _COST["gradient_checkpointing"] * (gc != base.gradient_checkpointing)
-                + 3 * (base.batch_size // b).bit_length() * (b != base.batch_size)
-                + 10 * (base.resolution - r) // 64)
+        accumulation = base.gradient_accumulation * max(1, base.batch_size // b)
+        if fused and not base.fused_backward and (accumulation > 1 or mp == "fp16"):
+            continue
+        s = replace(
+            base,
+            cache_latents=cache,
+            cache_prompts=prompt,
+            mixed_precision=mp,
+            weight_dtype=wd,
+            optimizer=opt,
+            fused_backward=fused,
+            gradient_checkpointing=gc,
+            batch_size=b,
+            resolution=r,
+            gradient_accumulation=accumulation,
+            ema_on_cpu=ema,
+        )
+        cost = (
+            _COST["cache_latents"] * (cache != base.cache_latents)
+            + _COST["cache_prompts"] * (prompt != base.cache_prompts)
+            + _COST["mixed_precision"] * (mp != base.mixed_precision)
+            + _COST["weight_dtype"] * (wd != base.weight_dtype)
+            + (_COST[opt] if opt != base.optimizer else 0)
+            + _COST["fused_backward"] * (fused != base.fused_backward)
+            + _COST["gradient_checkpointing"] * (gc != base.gradient_checkpointing)
+            + _COST["ema_on_cpu"] * (ema != base.ema_on_cpu)
+            + _COST["halve_batch"] * (base.batch_size // b).bit_length() * (b != base.batch_size)
+            + _COST["resolution_64"] * (base.resolution - r) // 64
+        )
         out.append((cost, s))
     return out
 
 
 def fit(sk: Skeleton, recipe: Recipe, vram_gb: float) -> Plan | None:
-    """The cheapest settings whose predicted device peak fits ``vram_gb`` (None: nothing fits)."""
+    """The cheapest settings whose predicted device peak (tensors, allocator slack and the CUDA context)
+    fits ``vram_gb``; among equal costs the smallest peak. None: nothing tried fits."""
     from tuner.optim.optimizers import OPTIMIZERS
 
     base = settings_from_recipe(recipe, sk.family.resolution)
     budget = vram_gb * GB
     best: tuple[int, int, Plan] | None = None
-    for cost, s in candidates(recipe, base, sk.family.resolution, OPTIMIZERS):
+    # cheapest first: once something fits, only candidates of the same cost can still win
+    for cost, s in sorted(candidates(recipe, base, sk.family.resolution, OPTIMIZERS), key=lambda c: c[0]):
         if best is not None and cost > best[0]:
-            continue
+            break
         plan = plan_for(sk, recipe, s)
         if plan.device_bytes <= budget and (best is None or (cost, plan.device_bytes) < best[:2]):
             best = (cost, plan.device_bytes, plan)
     return best[2] if best else None
 
 
-def changes(before: Settings, after: Settings) -> list[str]:
+def changes(before: Settings, after: Settings, max_grad_norm: float = 0.0) -> list[str]:
     """Recipe overrides (``--set`` syntax) that turn ``before`` into ``after``."""
-    keys = {"resolution": "data.resolution", "batch_size": "train.batch_size",
-            "gradient_accumulation": "train.gradient_accumulation", "mixed_precision": "train.mixed_precision",
-            "gradient_checkpointing": "train.gradient_checkpointing", "optimizer": "optim.optimizer",
-            "cache_latents": "train.cache_latents"}
+    keys = {
+        "resolution": "data.resolution",
+        "batch_size": "train.batch_size",
+        "gradient_accumulation": "train.gradient_accumulation",
+        "mixed_precision": "train.mixed_precision",
+        "gradient_checkpointing": "train.gradient_checkpointing",
+        "optimizer": "optim.optimizer",
+        "cache_latents": "train.cache_latents",
+        "cache_prompts": "train.cache_prompts",
+        "weight_dtype": "train.weight_dtype",
+        "fused_backward": "optim.fused_backward",
+        "ema_on_cpu": "train.ema_on_cpu",
+    }
     out = []
     for name, key in keys.items():
         a, b = getattr(before, name), getattr(after, name)
         if a != b:
-            out.append(f"{key}={str(b).lower() if isinstance(b, bool) else b}")
+            value = str(b).lower() if isinstance(b, bool) else b
+            out.append(f"{key}={value}")
+    if after.fused_backward and not before.fused_backward and max_grad_norm > 0:
+        out.append("train.max_grad_norm=0")  # fused steps happen before the global norm is known
     return out
 
 
@@ -344,9 +526,14 @@ def presets(sk: Skeleton, recipe: Recipe, sizes: tuple[float, ...] = PRESET_GB) 
     rows = []
     for gb in sizes:
         plan = fit(sk, recipe, gb)
-        rows.append({"vram_gb": gb, "fits": plan is not None,
-                     "changes": changes(base, plan.settings) if plan else [],
-                     "predicted_gb": round(plan.device_bytes / GB, 2) if plan else None})
+        rows.append(
+            {
+                "vram_gb": gb,
+                "fits": plan is not None,
+                "changes": changes(base, plan.settings, recipe.train.max_grad_norm) if plan else [],
+                "predicted_gb": round(plan.device_bytes / GB, 2) if plan else None,
+            }
+        )
     return rows
 
 
@@ -385,6 +572,8 @@ def format_presets(rows: list[dict[str, Any]]) -> str:
         if not r["fits"]:
             lines.append(f"| {r['vram_gb']} GB | - | nothing tried fits |")
         else:
-            lines.append(f"| {r['vram_gb']} GB | {r['predicted_gb']} GB | "
-                         f"{' '.join('--set ' + c for c in r['changes']) or 'fits as is'} |")
+            lines.append(
+                f"| {r['vram_gb']} GB | {r['predicted_gb']} GB | "
+                f"{' '.join('--set ' + c for c in r['changes']) or 'fits as is'} |"
+            )
     return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""GPU benchmark: peak memory and seconds per step of a LoRA on full-size SD1.5 (512 px) and SDXL (1024 px).
+
+Status: written in a session without an accelerator. It has run end to end only in its CPU tiny mode; no
+GPU figure has been recorded yet. Run it whenever a GPU is available and record the card and the table.
+
+Each configuration runs in its own child process: a full-size architecture with random weights, built on the
+device (``tuner.models.random_base``), LoRA rank 16 on the attention projections, batch 1, bf16 autocast
+with the frozen weights stored in bf16 (tuner's default for ``mixed_precision = "bf16"``), latents and
+prompt embeds cached with the VAE and text encoders moved off the device, SDPA attention, AdamW; with and
+without gradient checkpointing. Training is tuner's own ``setup_run`` and ``tuner.train.loop.train`` (only
+the final checkpoint and export are skipped): warm-up steps first (caching, kernel selection, optimizer
+states), then the timed steps. Seconds per step are the median of the intervals between consecutive steps
+(each ends with ``torch.cuda.synchronize()``); memory is ``torch.cuda.max_memory_allocated`` (and
+``max_memory_reserved``) over the timed steps only, after ``reset_peak_memory_stats``.
+
+Published anchors (SimpleTuner, H100): SD1.5 LoRA 2.87 GiB / 0.181 s per step; with gradient checkpointing
+1.98 GiB / 0.305 s; SDXL LoRA with gradient checkpointing 6.53 GiB / 1.08 s. tuner's goal: below each.
+
+    python bench/gpu.py                         # CUDA: 4 configurations, about 3-6 minutes in all
+    python bench/gpu.py --only sd15             # one family
+    python bench/gpu.py --device cpu --tiny     # the same script on small topologies, on the CPU (seconds)
+
+The JSON rows go to ``bench/results/gpu_<card>_<date>.json`` (``--json PATH`` to choose; the tiny mode
+writes only with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+CONFIGS = (("sd15", 512, False), ("sd15", 512, True), ("sdxl", 1024, True), ("sdxl", 1024, False))
+TINY_RESOLUTION = 64
+ANCHORS = {("sd15", False): (2.87, 0.181), ("sd15", True): (1.98, 0.305), ("sdxl", True): (6.53, 1.08)}
+"""(family, gradient checkpointing) -> (GiB, seconds per step): SimpleTuner on an H100."""
+WARMUP = 2
+TIMED = {"sd15": 20, "sdxl": 8}
+CHILD_TIMEOUT_S = 170
+
+
+def build_recipe(family: str, resolution: int, checkpointing: bool, device: str, out: Path):
+    from tuner.config.schema import Recipe
+
+    r = Recipe()
+    r.model.base = "tiny"  # replaced by the random base passed to setup_run
+    r.data.path = str(ROOT / "datasets" / "sks_star")
+    r.data.resolution = resolution
+    r.output.dir, r.output.name = str(out), "bench"
+    r.adapter.method, r.adapter.rank, r.adapter.alpha = "lora", 16, 16
+    r.train.batch_size, r.train.mixed_precision, r.train.gradient_checkpointing = 1, "bf16", checkpointing
+    r.train.device, r.train.checkpoint_every, r.preview.every = device, 0, 0
+    r.optim.optimizer = "adamw"
+    return r
+
+
+class StepClock:
+    """A tracker for ``tuner.train.loop``: the loop reports each finished step to it; the clock waits for
+    the device and stamps the time (so intervals are whole steps, kernels included)."""
+
+    def __init__(self, device: str):
+        self.device, self.stamps = device, []
+
+    def scalars(self, step, values) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        self.loss = float(values["loss"])
+
+    def image(self, step, name, path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_loop(clock: StepClock) -> Iterator[None]:
+    """tuner's loop as is, except: the final checkpoint and export are skipped (I/O, not training steps)
+    and its tracker is ``clock``."""
+    import tuner.train.loop as loop
+
+    saved = loop.save, loop.export_adapter, loop.open_tracker
+    loop.save = lambda *_a, **_k: None
+    loop.export_adapter = lambda *_a, **_k: []
+    loop.open_tracker = lambda *_a, **_k: clock
+    try:
+        yield
+    finally:
+        loop.save, loop.export_adapter, loop.open_tracker = saved
+
+
+def child(family: str, resolution: int, checkpointing: bool, device: str, tiny: bool) -> dict:
+    """One configuration in this process: its row."""
+    import gc
+
+    import torch
+
+    import tuner.train.loop as loop
+    from tuner.train.setup import setup_run
+
+    cuda = device.startswith("cuda")
+    if tiny:
+        from tuner.models.small import small_base
+
+        base = small_base(family)
+    else:
+        from tuner.models.random_base import sd15_random_base, sdxl_random_base
+
+        base = (sd15_random_base if family == "sd15" else sdxl_random_base)(device=device)
+    clock = StepClock(device)
+    timed, warmup = (2, 1) if tiny else (TIMED[family], WARMUP)
+    with _quiet_loop(clock), tempfile.TemporaryDirectory() as tmp:
+        recipe = build_recipe(family, resolution, checkpointing, device, Path(tmp))
+        recipe.train.steps = warmup
+        run = setup_run(recipe, base=base, log=lambda *_: None)
+        loop.train(run, log=lambda *_: None)  # warm-up: caches, offload, optimizer states, kernel choice
+        recipe.train.steps, run.start_step = warmup + timed + 1, warmup
+        gc.collect()
+        clock.stamps.clear()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            loop.train(run, log=lambda *_: None)
+            peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            card = torch.cuda.get_device_name()
+        else:  # no allocator statistics on the CPU: count live tensors the same way
+            from tuner.plan.measure import TensorMemory
+
+            excluded = [run.base.vae if n == "vae" else run.base.text_encoders[n] for n in run.offloaded]
+            with TensorMemory("cpu", trainable=run.params, optimizer=run.optimizer, exclude=excluded) as mem:
+                loop.train(run, log=lambda *_: None)
+            peak, reserved, card = mem.peak, None, "cpu"
+        plan = None
+        if not tiny:
+            from tuner.plan.estimate import plan_recipe
+
+            plan = plan_recipe(recipe, family=family, device="cuda" if cuda else "cpu")
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
+    return {"family": family, "resolution": resolution, "gradient_checkpointing": checkpointing, "tiny": tiny,
+            "card": card, "torch": torch.__version__, "timed_steps": len(steps),
+            "seconds_per_step": statistics.median(steps), "seconds_min": min(steps), "seconds_max": max(steps),
+            "peak_allocated_gib": peak / GIB, "peak_reserved_gib": None if reserved is None else reserved / GIB,
+            "plan_tensors_gib": None if plan is None else plan.total_bytes / GIB,
+            "plan_device_gib": None if plan is None else plan.device_bytes / GIB,
+            "final_loss": clock.loss, "offloaded": list(run.offloaded)}  # fmt: skip
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of the rows beside the anchors; ratios only for full-size runs (tiny ones measure
+    the script, not the model)."""
+    lines = [
+        "| model | px | grad ckpt | device | peak alloc GiB | reserved GiB | s/step (median) | anchor GiB | "
+        "anchor s/step | memory ratio | time ratio | plan GiB (tensors) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        anchor = ANCHORS.get((r["family"], r["gradient_checkpointing"]))
+        mem_ratio = time_ratio = None
+        if anchor and not r["tiny"]:
+            mem_ratio, time_ratio = r["peak_allocated_gib"] / anchor[0], r["seconds_per_step"] / anchor[1]
+        name = r["family"] + (" (tiny)" if r["tiny"] else "")
+        lines.append(
+            f"| {name} | {r['resolution']} | {'yes' if r['gradient_checkpointing'] else 'no'} | {r['card']} | "
+            f"{_fmt(r['peak_allocated_gib'], 3)} | {_fmt(r['peak_reserved_gib'], 3)} | "
+            f"{_fmt(r['seconds_per_step'], 3)} | {_fmt(anchor and anchor[0])} | {_fmt(anchor and anchor[1], 3)} | "
+            f"{_fmt(mem_ratio)} | {_fmt(time_ratio)} | {_fmt(r['plan_tensors_gib'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _progress(r: dict, started: float) -> None:
+    print(
+        f"  {r['family']} {r['resolution']} px ckpt={'yes' if r['gradient_checkpointing'] else 'no '}: "
+        f"{r['peak_allocated_gib']:.3f} GiB, {r['seconds_per_step']:.3f} s/step "
+        f"({time.perf_counter() - started:.0f} s so far)",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:1, or cpu (with --tiny)")
+    p.add_argument(
+        "--tiny", action="store_true", help=f"small topologies at {TINY_RESOLUTION} px (a CPU check)"
+    )
+    p.add_argument("--only", choices=("sd15", "sdxl"), help="one family")
+    p.add_argument("--json", type=Path, help="where to write the rows")
+    p.add_argument("--child", nargs=3, metavar=("FAMILY", "RESOLUTION", "CKPT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tuner's progress bars would bury the table
+    if args.child:
+        family, res, ckpt = args.child
+        print("ROW " + json.dumps(child(family, int(res), ckpt == "1", args.device, args.tiny)), flush=True)
+        return 0
+    if not args.tiny:
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            p.error("no CUDA device here; use --device cpu --tiny for the CPU check")
+        if args.device == "cpu":
+            p.error("full-size runs need an accelerator (the CPU would take hours); add --tiny")
+    print(__doc__.split("\n\n")[1].replace("\n", " "), flush=True)  # the status paragraph
+    rows = []
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    started = time.perf_counter()
+    for family, resolution, ckpt in CONFIGS:
+        if args.only and family != args.only:
+            continue
+        res = TINY_RESOLUTION if args.tiny else resolution
+        if args.tiny:  # small models: one process for all (imports dominate); peaks are counted per run
+            rows.append(child(family, res, ckpt, args.device, tiny=True))
+            _progress(rows[-1], started)
+            continue
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            family,
+            str(res),
+            str(int(ckpt)),
+            "--device",
+            args.device,
+        ] + (["--tiny"] if args.tiny else [])
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=CHILD_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            print(f"{family} {res} px ckpt={ckpt}: timed out after {CHILD_TIMEOUT_S} s", flush=True)
+            continue
+        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if done.returncode != 0 or line is None:
+            print(
+                f"{family} {res} px ckpt={ckpt}: FAILED (exit {done.returncode})\n{done.stderr[-3000:]}",
+                flush=True,
+            )
+            continue
+        rows.append(json.loads(line[4:]))
+        _progress(rows[-1], started)
+    print()
+    print(format_table(rows))
+    path = args.json
+    if path is None and not args.tiny and rows:
+        card = re.sub(r"[^a-z0-9]+", "-", rows[0]["card"].lower()).strip("-")
+        path = ROOT / "bench" / "results" / f"gpu_{card}_{time.strftime('%Y-%m-%d')}.json"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        print(f"\nrows written to {path}")
+    return 0 if len(rows) == sum(1 for c in CONFIGS if not args.only or c[0] == args.only) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
