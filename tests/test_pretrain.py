@@ -39,6 +39,7 @@ def test_pretrain_command_smoke(tmp_path, monkeypatch):
     card = (tmp_path / "final" / "MODEL_CARD.md").read_text()
     assert "seen prompts (n = 2)" in card and "held-out pairs (n = 8)" in card and "pretrain-tiny" in card
     assert json.loads((tmp_path / "settings.json").read_text())["fg_weight"] == 4.0 and "--fg-weight 4" in card
+    assert "under the object weighted 5x" in card
 
 
 def test_decoder_stage_keeps_the_latent_space(tmp_path):

@@ -70,7 +70,10 @@ def write_card(
         f"- settings: `{json.dumps(settings, sort_keys=True)}`",
         "- objective: the VAE on reconstruction (MSE + 0.5 L1) and a small KL term; then the text encoder and",
         "  UNet on v-prediction over a zero-terminal-SNR scaled-linear schedule (the noisiest step holds no",
-        "  signal, so the layout must come from the prompt), plain MSE; an EMA of the weights"
+        "  signal, so the layout must come from the prompt), "
+        + (f"MSE with latent pixels under the object weighted {1 + fg:g}x" if (fg := settings.get("fg_weight"))
+           else "plain MSE")
+        + "; an EMA of the weights"
         f" (decay {settings.get('ema_decay')}) ships",
         f"- UNet + text encoder steps: {len(losses)}; mean loss of the last 200 steps: {tail:.4f}",
         f"- wall time: {minutes:.0f} min on 2 CPU cores",
