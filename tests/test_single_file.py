@@ -156,6 +156,26 @@ def test_sd2_needs_the_prediction_type(tmp_path):
     _same(unet, loaded.modules["unet"])
     _same(te, loaded.modules["text_encoder"])
 
+    # recipes say it with model.prediction_type (train, validate and plan all read it; --prediction-type sets it)
+    from tuner.config.load import load_recipe
+    from tuner.plan.skeleton import build_skeleton
+    from tuner.train.validate import validate_recipe
+
+    recipe = load_recipe(None, [f'model.base="{path}"'])
+    problems = validate_recipe(recipe).problems
+    assert any("model.prediction_type" in p and p.startswith("model.base") for p in problems), problems
+    for said, family in (("v", SD2V), ("epsilon", SD2)):
+        recipe = load_recipe(None, [f'model.base="{path}"'], {"model.prediction_type": said})
+        notes = validate_recipe(recipe).notes
+        assert f"family {family.name}, {family.resolution} px" in " ".join(notes), notes
+        assert build_skeleton(str(path), None, recipe.model.prediction).family is family
+    # an SD2.x DreamBooth may be written as a single file; the tiny base has no LDM layout
+    single = ["adapter.method=\"dreambooth\"", "output.model_format=\"single-file\""]
+    sd2 = load_recipe(None, [f'model.base="{path}"', *single], {"model.prediction_type": "epsilon"})
+    assert not [p for p in validate_recipe(sd2).problems if "model_format" in p]
+    tiny = validate_recipe(load_recipe(None, single)).problems
+    assert any(p.startswith("output.model_format") and "not tiny" in p for p in tiny), tiny
+
 
 def test_sdxl_round_trip(tmp_path):
     modules = {

@@ -97,7 +97,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tuner.plan.skeleton import build_skeleton
 
     recipe = _recipe_from_args(args)
-    skeleton = build_skeleton(recipe.model.base, args.family)
+    skeleton = build_skeleton(recipe.model.base, args.family, recipe.model.prediction)
     plan = plan_recipe(recipe, skeleton=skeleton)
     fitted = fit(skeleton, recipe, args.vram) if args.vram else None
     table = presets(skeleton, recipe) if args.vram or args.presets else []
@@ -372,7 +372,9 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     """The recipe file, ``--set`` and the convenience options (CLI_SHORTCUTS), shared by train and validate."""
     p.add_argument("recipe", help="recipe file (.toml or .yaml), e.g. recipes/tiny/sks_star_lora.toml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--base", help="'tiny' or a local diffusers folder (model.base)")
+    p.add_argument("--base", help="'tiny', a local diffusers folder or a .safetensors single file (model.base)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v"),
+                   help="an SD2.x single file: SD2.x 512 (epsilon) or 768-v (v) (model.prediction_type)")
     p.add_argument("--data", help="training image folder (data.path)")
     p.add_argument("--output", help="output folder (output.dir)")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")

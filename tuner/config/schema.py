@@ -14,10 +14,20 @@ from typing import Literal
 @dataclass
 class ModelConfig:
     base: str = "tiny"
-    """``tiny`` (the embedded base) or a local diffusers folder (SD1.x layout). Never a hub id."""
+    """``tiny`` (the embedded base), a local diffusers folder (SD1.x, SD2.x, SDXL) or a single-file checkpoint
+    (``.safetensors`` in the LDM layout). Never a hub id."""
+    prediction_type: Literal["auto", "epsilon", "v"] = "auto"
+    """For an SD2.x single file, whose weights do not say it: ``epsilon`` (SD2.x 512) or ``v`` (768-v).
+    ``auto``: from the folder's scheduler config or the file's tuner metadata (an SD2.x file without it is
+    refused with this hint)."""
     vae_dtype: Literal["auto", "fp32"] = "auto"
     """``auto``: the VAE is stored like the other frozen weights (see train.weight_dtype); ``fp32`` keeps it in
     fp32 (the SD1.x/SDXL VAEs overflow to NaN in fp16; costs 2 bytes per VAE weight while it is on the device)."""
+
+    @property
+    def prediction(self) -> str | None:
+        """``prediction_type`` as ``load_base`` takes it (``None`` for ``auto``)."""
+        return None if self.prediction_type == "auto" else self.prediction_type
 
 
 @dataclass
@@ -231,6 +241,7 @@ class Recipe:
 # Convenience CLI options every recipe accepts, as dotted keys (``tuner train --steps 10``).
 CLI_SHORTCUTS: dict[str, str] = {
     "base": "model.base",
+    "prediction_type": "model.prediction_type",
     "data": "data.path",
     "output": "output.dir",
     "steps": "train.steps",

@@ -207,7 +207,7 @@ def _sd2_variant(metadata: Mapping[str, str], prediction_type: str | None, sourc
     raise TunerError(
         f"{source} is an SD2.x model, and its weights cannot tell whether it is the 512 px epsilon model or the "
         f"768 px v-prediction model{note}. Say which: --prediction-type v (768-v, e.g. "
-        "v2-1_768-ema-pruned) or --prediction-type epsilon (512 base)."
+        "v2-1_768-ema-pruned) or --prediction-type epsilon (512 base); in a recipe, model.prediction_type."
     )
 
 

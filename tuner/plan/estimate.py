@@ -382,7 +382,7 @@ def plan_recipe(
 ) -> Plan:
     """Predict the peak memory of training ``recipe`` (no weight is loaded). ``family``: plan for that
     family's architecture instead of ``recipe.model.base`` (e.g. ``sdxl``); ``device``: see :func:`plan_for`."""
-    sk = skeleton or build_skeleton(recipe.model.base, family)
+    sk = skeleton or build_skeleton(recipe.model.base, family, recipe.model.prediction)
     return plan_for(sk, recipe, settings_from_recipe(recipe, sk.family.resolution), device=device)
 
 

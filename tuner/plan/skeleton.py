@@ -64,9 +64,12 @@ def _shipped_configs(family: Family) -> dict[str, dict[str, Any]]:
     return {name: family_config(family, name) for name in names}
 
 
-def component_configs(base: str, family: str | None = None) -> tuple[Family, dict[str, dict[str, Any]]]:
+def component_configs(
+    base: str, family: str | None = None, prediction_type: str | None = None
+) -> tuple[Family, dict[str, dict[str, Any]]]:
     """(family, component -> config dict) for ``base`` (a ``model.base`` value), or for ``family`` when
-    given (no base needed: ``tuner plan --family sdxl``). Reads JSON and safetensors headers only."""
+    given (no base needed: ``tuner plan --family sdxl``). Reads JSON and safetensors headers only.
+    ``prediction_type``: as ``load_base`` takes it (an SD2.x single file)."""
     if family is not None:
         fam = get_family(family)
         return fam, (_tiny_configs() if fam is TINY else _shipped_configs(fam))
@@ -74,17 +77,17 @@ def component_configs(base: str, family: str | None = None) -> tuple[Family, dic
         return TINY, _tiny_configs()
     from tuner.models.base import check_base_spec
 
-    fam = check_base_spec(base)
+    fam = check_base_spec(base, prediction_type=prediction_type)
     path = Path(base).expanduser()
     return fam, (_folder_configs(path, fam) if path.is_dir() else _shipped_configs(fam))
 
 
-def build_skeleton(base: str, family: str | None = None) -> Skeleton:
+def build_skeleton(base: str, family: str | None = None, prediction_type: str | None = None) -> Skeleton:
     """The components of ``base`` (or ``family``) on the meta device. Never allocates weights."""
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    fam, configs = component_configs(base, family)
+    fam, configs = component_configs(base, family, prediction_type)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])

@@ -270,7 +270,7 @@ def write_model(run: Run) -> list[Path]:
         )
     else:
         folder = export_base(tuned, run.out_dir / "model")
-    original = load_base(run.recipe.model.base)
+    original = load_base(run.recipe.model.base, prediction_type=run.recipe.model.prediction)
     a = run.adapter
     result = extract_from_models(
         original, tuned, rank=a.rank, conv_rank=a.conv_rank if a.targets == "locon" else None,

@@ -308,7 +308,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         log(f"skipped {path}: {reason}")
     if recipe.adapter.method in ("textual_inversion", "pivotal"):
         check_tokens_in_captions(index, recipe.embedding.tokens, recipe.data.path)
-    base = base or load_base(recipe.model.base)
+    base = base or load_base(recipe.model.base, prediction_type=recipe.model.prediction)
     for note in base.notes:
         log(f"NOTE: {note}")
     resolution = recipe.data.resolution or base.family.resolution

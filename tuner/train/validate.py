@@ -40,11 +40,11 @@ def validate_recipe(recipe: Recipe) -> Validation:
     v = Validation()
     family = None
     try:
-        family = check_base_spec(recipe.model.base)
+        family = check_base_spec(recipe.model.base, prediction_type=recipe.model.prediction)
         v.notes.append(f"base: {recipe.model.base} (family {family.name}, {family.resolution} px)")
-        if recipe.output.model_format == "single-file" and (family.configs is None or family.ldm_layers_dropped):
-            v.problems.append(f"output.model_format: 'single-file' is written for SD1.x bases only, not "
-                              f"{family.name}; use 'diffusers'")
+        if recipe.output.model_format == "single-file" and family.configs is None:
+            v.problems.append(f"output.model_format: 'single-file' (the LDM layout) is written for SD1.x, SD2.x "
+                              f"and SDXL bases, not {family.name}; use 'diffusers'")
     except TunerError as exc:
         v.problems.append(f"model.base: {exc}")
     index = None
