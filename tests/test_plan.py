@@ -185,8 +185,8 @@ _STEP_PEAK = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform != "linux", reason="runs tuner's loop in a child process")
 def test_plan_matches_measured_tensor_peak_on_cpu():
     """A full fine-tune of the tiny base, 128 px, batch 2, through tuner's own loop in a fresh process: the
-    live-tensor peak of two steps (what max_memory_allocated reports on a GPU) against the plan, within 15%
-    in total, with weights and optimizer states exact. Plain AdamW peaks as backward starts (activations,
+    live-tensor peak of two steps (what max_memory_allocated reports on a GPU) against the plan, within 10%
+    in total (the issue asks 15%; measured 1.00-1.01), with weights and optimizer states exact. Plain AdamW peaks as backward starts (activations,
     no gradients yet); 8-bit AdamW + checkpointing peaks late in backward, where most gradients exist:
     the sum of all activations and all gradients (the old upper bound) is never alive at once."""
     done = subprocess.run(
@@ -201,7 +201,7 @@ def test_plan_matches_measured_tensor_peak_on_cpu():
     assert line, done.stderr[-2000:]
     plain, ckpt = json.loads(line[5:])
     for row in (plain, ckpt):
-        assert abs(row["predicted"] - row["measured"]) / row["measured"] < 0.15, (
+        assert abs(row["predicted"] - row["measured"]) / row["measured"] < 0.10, (
             row["predicted"] / MB,
             row["measured"] / MB,
         )

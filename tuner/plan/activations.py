@@ -54,6 +54,9 @@ class Unit:
     """Elements of the unit's largest feature map (its gradient flows through backward at this size)."""
     params: int = 0
     """Parameters of the unit's modules (their gradients appear when backward passes the unit)."""
+    inner: int = 0
+    """Elements of the largest tensor inside the unit (a transformer block's feed-forward hidden state):
+    its gradient exists while backward crosses the unit. 0: the same as ``map``."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ def _transformer_block(
         flops=flops,
         map=c * n,
         params=_params(block),
+        inner=(2 * f if gated else f) * n,
     )
 
 
@@ -338,8 +342,8 @@ class Moment:
 
 
 GRADIENT_BUFFERS = 3
-"""Feature-map-sized buffers in flight while backward crosses a unit: the gradient arriving at its output,
-the gradient being produced for its input, and one op's intermediate."""
+"""Buffers in flight while backward crosses a unit: the gradient arriving at its output and the one being
+produced for its input (feature-map sized), and the gradient of its largest inner tensor."""
 
 
 def backward_peak(
@@ -359,7 +363,8 @@ def backward_peak(
     alive, grads = before + sum(kept), 0
     for u, k in zip(reversed(units), reversed(kept), strict=True):
         grads += u.params if unet_trains else 0
-        work = GRADIENT_BUFFERS * u.map * ab * b + (full(u) if est.checkpointing and u.checkpointed else 0)
+        buffers = (GRADIENT_BUFFERS - 1) * u.map + max(u.map, u.inner)
+        work = buffers * ab * b + (full(u) if est.checkpointing and u.checkpointed else 0)
         if (
             alive + work + grads * grad_bytes
             > best.saved + best.workspace + best.gradient_params * grad_bytes
