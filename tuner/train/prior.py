@@ -70,10 +70,7 @@ def ensure_class_images(
             f"prior preservation: '{folder}' holds {have} of the {count} class images and prior.class_prompts is "
             "empty, so the missing ones cannot be generated; add class prompts or more captioned images"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TunerError(f"prior preservation: cannot create the class image folder '{folder}': {exc}") from exc
+    _create(folder)
     log(f"prior preservation: generating {count - have} class images into '{folder}' ({have} already there)")
     for i in tqdm(range(count), desc="class images", unit="img", leave=False):
         png = folder / f"class_{i:05d}.png"
@@ -81,14 +78,25 @@ def ensure_class_images(
             continue
         if count_images(folder) >= count:
             break
-        prompt = prompts[i % len(prompts)]
-        image = sample_images(base, [prompt], [seed + i], settings)[0]
-        write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
-        save_png(image, png, parameters=infotext(
-            prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
-            cfg=settings.cfg, seed=seed + i, width=image.width, height=image.height,
-        ))
+        _draw(base, prompts[i % len(prompts)], seed + i, settings, png)
     return folder
+
+
+def _create(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TunerError(f"prior preservation: cannot create the class image folder '{folder}': {exc}") from exc
+
+
+def _draw(base: BaseModel, prompt: str, seed: int, settings: SampleSettings, png: Path) -> None:
+    """One class image from ``prompt`` at ``seed``, written as ``png`` (with A1111 parameters) and its caption."""
+    image = sample_images(base, [prompt], [seed], settings)[0]
+    write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
+    save_png(image, png, parameters=infotext(
+        prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
+        cfg=settings.cfg, seed=seed, width=image.width, height=image.height,
+    ))
 
 
 def _image_size(path: Path) -> Size:
@@ -114,10 +122,7 @@ def _ensure_per_bucket(
             f"{shown}) and prior.class_prompts is empty, so the missing ones cannot be generated; add class "
             "prompts, or captioned class images of those shapes"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TunerError(f"prior preservation: cannot create the class image folder '{folder}': {exc}") from exc
+    _create(folder)
     log(f"prior preservation: generating {sum(missing.values())} class images into '{folder}' in the instance "
         f"buckets (held/needed: {shown})")
     bar = tqdm(total=sum(missing.values()), desc="class images", unit="img", leave=False)
@@ -126,13 +131,7 @@ def _ensure_per_bucket(
         while n > 0:
             png = folder / f"class_{w}x{h}_{j:05d}.png"
             if not png.exists():
-                prompt = prompts[j % len(prompts)]
-                image = sample_images(base, [prompt], [seed + j], replace(settings, width=w, height=h))[0]
-                write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
-                save_png(image, png, parameters=infotext(
-                    prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
-                    cfg=settings.cfg, seed=seed + j, width=w, height=h,
-                ))
+                _draw(base, prompts[j % len(prompts)], seed + j, replace(settings, width=w, height=h), png)
                 n -= 1
                 bar.update()
             j += 1
