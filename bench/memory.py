@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {base} | {method} | {cells['plain']['trainable']:,} | {a} | {b} | {b / a:.2f} |")
             table_rows.extend(cells.values())
     print()
-    print("`tuner plan` against the measurement: the run's own memory is the peak minus the process's footprint")
-    print("after importing torch/diffusers/transformers (the libraries are not what plan predicts).")
+    print("`tuner plan` beside the process's own memory (peak RSS minus the footprint after the imports). RSS is")
+    print("not what plan predicts: it also holds modules moved off the device (the same RAM on a CPU) and memory")
+    print("the allocator keeps after frees. For plan's accuracy compare live tensors: bench/plan_accuracy.py.")
     print("| base | method | setting | run (MB) | plan, tensors (MB) | plan / run |")
     print("|---|---|---|---|---|---|")
     for r in table_rows:
