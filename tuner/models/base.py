@@ -163,15 +163,43 @@ def check_base_spec(spec: str, *, prediction_type: str | None = None) -> Family:
     else:
         family = {768: SD15, TINY.cross_attention_dim: TINY}.get(cross_dim)  # type: ignore[assignment]
     if family is None:
+        family = _family_by_topology(path, unet_cfg)
+    if family is None:
         raise TunerError(
             f"'{path}': unet cross_attention_dim {cross_dim!r} matches no known family "
-            "(768 = SD1.x, 1024 = SD2.x, 128 = tuner tiny; SDXL has addition_embed_type 'text_time')."
+            "(768 = SD1.x, 1024 = SD2.x, 128 = tuner tiny; SDXL has addition_embed_type 'text_time'), and its "
+            "block layout and text-encoder depth are neither SD1.x's nor SD2.x's."
         )
     extra = [n for te in family.text_encoders for n in (te.component, te.tokenizer) if not (path / n).is_dir()]
     if extra:
         raise TunerError(f"'{path}' is an {family.description} folder but lacks "
                          f"{', '.join(m + '/' for m in extra)}")
     return family
+
+
+# What makes an SD1.x or SD2.x folder, whatever its widths: the UNet's block layout and the text encoder's depth
+UNET_TOPOLOGY = ("down_block_types", "up_block_types", "layers_per_block", "use_linear_projection")
+
+
+def _family_by_topology(path: Path, unet_cfg: dict[str, Any]) -> Family | None:
+    """SD1.x or SD2.x (by the scheduler's prediction type) when the folder has that family's block topology
+    at other widths, as the small models of :mod:`tuner.models.small` do (kohya names, and so every file
+    tuner writes, depend on the topology only). None when neither matches."""
+    from tuner.models.single_file import family_config
+
+    if not (path / "text_encoder" / "config.json").is_file():
+        return None
+    layers = _read_json(path / "text_encoder" / "config.json").get("num_hidden_layers")
+    for family in (SD15, SD2):
+        reference = family_config(family, "unet")
+        if layers == family_config(family, "text_encoder").get("num_hidden_layers") and all(
+            unet_cfg.get(key, False) == reference.get(key, False) for key in UNET_TOPOLOGY
+        ):
+            if family is SD2:
+                sched = _read_json(path / "scheduler" / "scheduler_config.json")
+                return SD2V if sched.get("prediction_type") == "v_prediction" else SD2
+            return family
+    return None
 
 
 TINY_ASSETS = Path(__file__).resolve().parent.parent / "tiny" / "assets"
