@@ -229,7 +229,10 @@ def build_class_dataset(recipe: Recipe, base: BaseModel, resolution: int, device
     base.to(device)
     folder = ensure_class_images(
         base, class_image_dir(recipe), prompts=p.class_prompts, count=p.num_images,
-        settings=SampleSettings(steps=p.steps, cfg=p.cfg, sampler=p.sampler), seed=p.seed, log=log, quotas=quotas,
+        # drawn at the training resolution (buckets: at each bucket's size), not the base's native size: an
+        # SDXL job at 512 px would otherwise draw 1024 px images only to scale them down
+        settings=SampleSettings(steps=p.steps, cfg=p.cfg, sampler=p.sampler, width=resolution, height=resolution),
+        seed=p.seed, log=log, quotas=quotas,
     )
     index = scan_dataset(folder, strict=recipe.data.strict)
     for path, reason in index.skipped:
