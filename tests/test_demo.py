@@ -26,3 +26,23 @@ def test_demo_short_run_writes_everything(tmp_path):
     assert str(files["lora"]) in text
     # the demo says plainly when the embedded base is the random stand-in, and only then
     assert ("RANDOMLY INITIALISED" in text) == load_base("tiny").is_random
+
+
+def test_demo_settings_are_the_recipes_settings(tmp_path):
+    """The demo's docstring points users at two recipe files: they must train what the demo trains."""
+    from pathlib import Path
+
+    from tuner.config.load import load_recipe
+    from tuner.demo import demo_recipe
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
+    for prior, name in ((True, "sks_star_dreambooth_lora.toml"), (False, "sks_star_lora.toml")):
+        ours, theirs = demo_recipe(tmp_path / "data", tmp_path / "out", prior=prior), load_recipe(recipes / name)
+        assert ours.adapter == theirs.adapter, name
+        assert (ours.train.steps, ours.train.batch_size, ours.train.seed) == (
+            theirs.train.steps, theirs.train.batch_size, theirs.train.seed), name
+        assert ours.optim.learning_rate == theirs.optim.learning_rate and ours.data.repeats == theirs.data.repeats
+        assert ours.prior.enabled == theirs.prior.enabled == prior, name
+        if prior:
+            assert ours.prior.class_prompts == theirs.prior.class_prompts, name
+            assert ours.prior.num_images == theirs.prior.num_images, name
