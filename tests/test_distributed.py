@@ -75,15 +75,21 @@ def recipe_file(folder: Path, data: Path, out: Path, batch: int) -> Path:
 
 
 def train_here(recipe: Path, resume: Path | None = None) -> None:
-    """One process, in this pytest process."""
+    """One process, in this pytest process, on one thread like the workers (OMP_NUM_THREADS=1): float sums
+    split over another number of threads round differently, and the class images are compared byte for byte."""
     from tuner.config.load import load_recipe
     from tuner.train.loop import restore, train
     from tuner.train.setup import setup_run
 
-    run = setup_run(load_recipe(recipe, (), {}), log=lambda *_: None)
-    if resume is not None:
-        restore(run, resume, log=lambda *_: None)
-    train(run, log=lambda *_: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = setup_run(load_recipe(recipe, (), {}), log=lambda *_: None)
+        if resume is not None:
+            restore(run, resume, log=lambda *_: None)
+        train(run, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
