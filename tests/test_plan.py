@@ -63,6 +63,26 @@ def test_trainable_count_matches_real_attach(method, targets):
     assert plan_recipe(r).trainable_params == real
 
 
+@pytest.mark.parametrize("method,te", [("textual_inversion", False), ("pivotal", True), ("lora", True),
+                                       ("dreambooth", True)])
+def test_trainable_count_matches_real_attach_on_sdxl(method, te, tmp_path_factory):
+    """SDXL has two text encoders: a token's rows, text-encoder LoRAs and full text-encoder training count
+    in both (checked on SDXL's topology at tiny widths, against what the trainer really attaches)."""
+    from tuner.models.base import export_base
+    from tuner.models.small import small_base
+    from tuner.train.methods import METHODS
+    from tuner.train.setup import adapter_settings
+
+    r = _recipe(method)
+    r.adapter.train_text_encoder = te
+    base = small_base("sdxl")
+    folder = export_base(base, tmp_path_factory.mktemp("xl") / "base")
+    trained = METHODS[method].attach(base, adapter_settings(r))
+    # each trained tensor once (a text encoder with a LoRA also holds the token rows it trains)
+    unique = {id(p): p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad}
+    assert plan_recipe(r, skeleton=build_skeleton(str(folder))).trainable_params == sum(unique.values())
+
+
 def test_optimizer_state_arithmetic():
     assert optimizer_state_bytes("adamw", [(1000, 10)]) == 80_000
     # bitsandbytes: 8-bit states from 4096 values on (2 bytes + two fp32 absmax per 256-block), fp32 below

@@ -187,7 +187,6 @@ def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, 
     from tuner.adapters.lora import plan_ranks, text_encoder_targets, unet_targets
 
     a, method = recipe.adapter, recipe.adapter.method
-    te_name, te = next(iter(sk.text_encoders.items()))
     shapes: dict[str, list[tuple[int, ...]]] = {}
     full: set[str] = set()
     if method in ("lora", "pivotal"):
@@ -201,7 +200,7 @@ def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, 
             conv_alpha=a.conv_alpha if conv else None,
         )
         shapes["unet"] = [(n,) for n in lora_tensor_sizes(sk.unet, plan)]
-        if a.train_text_encoder:
+        for te_name, te in sk.text_encoders.items() if a.train_text_encoder else ():  # SDXL: both
             te_plan = plan_ranks(
                 te,
                 text_encoder_targets(te),
@@ -212,12 +211,13 @@ def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, 
     if method == "dreambooth":
         full.add("unet")
         shapes["unet"] = [tuple(p.shape) for p in sk.unet.parameters()]
-        if a.train_text_encoder:
+        for te_name, te in sk.text_encoders.items() if a.train_text_encoder else ():
             full.add(te_name)
             shapes[te_name] = [tuple(p.shape) for p in te.parameters()]
     if method in ("textual_inversion", "pivotal"):
         rows = max(1, len(recipe.embedding.tokens)) * recipe.embedding.vectors
-        shapes["embedding"] = [(rows, te.config.hidden_size)]
+        for i, te in enumerate(sk.text_encoders.values()):  # the new token's rows in every encoder (SDXL: 2)
+            shapes["embedding" if i == 0 else f"embedding_{i + 1}"] = [(rows, te.config.hidden_size)]
     return shapes, full
 
 
@@ -293,8 +293,11 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
         checkpointing=s.gradient_checkpointing,
         trained=unet_trained(recipe),
     )
-    te_name, te = next(iter(sk.text_encoders.items()))
-    te_act = text_encoder_activation_bytes(te, sk.context_tokens, batch, act_b) if te_in_graph else 0
+    te_act = (
+        sum(text_encoder_activation_bytes(te, sk.context_tokens, batch, act_b) for te in sk.text_encoders.values())
+        if te_in_graph
+        else 0
+    )
     unet_full = "unet" in full and not fused
     moment = backward_peak(unet_act, unet_trains=unet_full, before=te_act)
     # gradients alive at the backward peak: the UNet's as the walk found them; everything else trained (LoRA
@@ -302,7 +305,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     other_grads = (
         trainable
         - (_count(shapes["unet"]) if "unet" in full else 0)
-        - (_count(shapes[te_name]) if te_name in full else 0)
+        - sum(_count(shapes[name]) for name in sk.text_encoders if name in full)
     )
     grads_at_peak = largest if fused else moment.gradient_params + other_grads
     step_temp = optimizer_step_bytes(s.optimizer, shapes, device=device, fused=fused)
@@ -343,7 +346,9 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     components += peak[1:]
 
     flops = 3 * unet_act.forward_flops + (unet_act.forward_flops if s.gradient_checkpointing else 0)
-    flops += text_encoder_flops(te, sk.context_tokens, batch) * (3 if te_in_graph else int(te_on_device))
+    flops += sum(text_encoder_flops(te, sk.context_tokens, batch) for te in sk.text_encoders.values()) * (
+        3 if te_in_graph else int(te_on_device)
+    )
     if not s.cache_latents:
         flops += vae_encode_flops(sk.vae, s.resolution, s.resolution, batch)
     flops *= s.gradient_accumulation
