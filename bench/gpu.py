@@ -32,12 +32,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from rows import child_row, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # tuner's progress bars would bury the table
     if args.child:
         family, res, ckpt = args.child
-        print("ROW " + json.dumps(child(family, int(res), ckpt == "1", args.device, args.tiny)), flush=True)
+        emit(child(family, int(res), ckpt == "1", args.device, args.tiny))
         return 0
     if not args.tiny:
         import torch
@@ -239,22 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             str(int(ckpt)),
             "--device",
             args.device,
-        ] + (["--tiny"] if args.tiny else [])
-        try:
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=CHILD_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired:
-            print(f"{family} {res} px ckpt={ckpt}: timed out after {CHILD_TIMEOUT_S} s", flush=True)
+        ]
+        row = child_row(cmd, label=f"{family} {res} px ckpt={ckpt}", env=env, cwd=ROOT, timeout=CHILD_TIMEOUT_S)
+        if row is None:
             continue
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")), None)
-        if done.returncode != 0 or line is None:
-            print(
-                f"{family} {res} px ckpt={ckpt}: FAILED (exit {done.returncode})\n{done.stderr[-3000:]}",
-                flush=True,
-            )
-            continue
-        rows.append(json.loads(line[4:]))
+        rows.append(row)
         _progress(rows[-1], started)
     print()
     print(format_table(rows))

@@ -20,11 +20,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rows import child_row, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "dreambooth_lora", "dreambooth", "textual_inversion", "pivotal")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs=3, metavar=("BASE", "METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print("ROW " + json.dumps(child(*args.child, args.steps)))
+        emit(child(*args.child, args.steps))
         return 0
 
     rows = []
@@ -113,13 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             for setting in SETTINGS:
                 cmd = [sys.executable, __file__, "--child", base, method, setting, "--steps", str(args.steps)]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")), None)
-                if done.returncode != 0 or line is None:
-                    print(f"{base} {method} {setting}: FAILED (exit {done.returncode})\n{done.stderr[-2000:]}")
+                r = child_row(cmd, label=f"{base} {method} {setting}", env=env, cwd=ROOT)
+                if r is None:
                     continue
-                rows.append(json.loads(line[4:]))
-                r = rows[-1]
+                rows.append(r)
                 print(f"  {base:12s} {method:18s} {setting:8s} {r['peak_rss_mb']:>7} MB  {r['seconds']:>6} s",
                       flush=True)
     print()

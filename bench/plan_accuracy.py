@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rows import child_row, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "dreambooth_lora", "dreambooth", "textual_inversion", "pivotal")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs=3, metavar=("BASE", "METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print("ROW " + json.dumps(child(*args.child)))
+        emit(child(*args.child))
         return 0
     configs = (
         [tuple(c.split(":")) for c in args.configs]
@@ -179,13 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     for base in args.bases:
         for method, setting in configs:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", base, method, setting]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")), None)
-            if done.returncode != 0 or line is None:
-                print(f"{base} {method} {setting}: FAILED (exit {done.returncode})\n{done.stderr[-2000:]}")
+            r = child_row(cmd, label=f"{base} {method} {setting}", env=env, cwd=ROOT)
+            if r is None:
                 continue
-            rows.append(json.loads(line[4:]))
-            r = rows[-1]
+            rows.append(r)
             print(
                 f"  {base:12s} {method:18s} {setting:9s} measured {r['measured_peak'] / MB:>9,.1f} MB  "
                 f"plan {r['predicted_peak'] / MB:>9,.1f} MB  ratio {r['predicted_peak'] / r['measured_peak']:.2f}",
