@@ -47,6 +47,37 @@ def small_recipe(data: Path, out: Path, **changes):
     return r
 
 
+def assert_lora_image_matches_diffusers(pipe, family: str, lora: Path, prompt: str, settings, seed: int = 7):
+    """The same LoRA file applied by diffusers' ``pipe`` (``load_lora_weights``; built on a fresh
+    ``small_base(family)``) and by tuner's sampler gives the same 64 px image at ``seed`` (DDIM): within
+    2/255, while the LoRA itself changes the image by more than 8/255 (so the check is not vacuous)."""
+    import numpy as np
+    import torch
+
+    from tuner.models.small import small_base
+    from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
+    from tuner.sample.sampler import sample_images
+
+    pipe.set_progress_bar_config(disable=True)
+
+    def diffusers_image() -> np.ndarray:
+        return np.asarray(pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.cfg, height=64,
+                               width=64, generator=torch.Generator().manual_seed(seed)).images[0]).astype(int)
+
+    reference = diffusers_image()
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    theirs = diffusers_image()
+
+    base = small_base(family)
+    plain = np.asarray(sample_images(base, [prompt], [seed], settings)[0]).astype(int)
+    apply_loras(base, load_loras_for(base, [LoraSpec(lora)]))
+    ours = np.asarray(sample_images(base, [prompt], [seed], settings)[0]).astype(int)
+
+    assert np.abs(plain - reference).max() <= 2, "without a LoRA the two samplers already differ"
+    assert np.abs(theirs - reference).max() > 8, "the LoRA should visibly change the image"
+    assert np.abs(ours - theirs).max() <= 2
+
+
 @pytest.fixture(scope="session")
 def trained_run(circles, tmp_path_factory):
     """A LoRA (UNet kohya preset + text encoder) trained 30 steps with a high LR so its delta is clearly

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from conftest import small_recipe
+from conftest import assert_lora_image_matches_diffusers, small_recipe
 
 from tuner.formats.io import read_header
 from tuner.models.prompts import encode_conditioning
@@ -110,11 +110,9 @@ def test_sd2_epsilon_trains_exports_and_samples(circles, tmp_path):
 def test_sd2v_lora_matches_diffusers_pipeline(circles, tmp_path):
     """The same kohya file applied by tuner's sampler and by diffusers' StableDiffusionPipeline
     (load_lora_weights) on SD2's topology with v-prediction gives the same image at the same seed (DDIM)."""
-    import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from tuner.sample.generate import apply_loras
-    from tuner.sample.sampler import SampleSettings, sample_images
+    from tuner.sample.sampler import SampleSettings
 
     recipe = small_recipe(
         circles, tmp_path, train__steps=4, train__batch_size=1, data__resolution=64, adapter__targets="kohya",
@@ -129,21 +127,4 @@ def test_sd2v_lora_matches_diffusers_pipeline(circles, tmp_path):
         scheduler=DDIMScheduler.from_config(theirs_base.scheduler_config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False, **theirs_base.components, **theirs_base.tokenizers,
     )
-    pipe.set_progress_bar_config(disable=True)
-
-    def diffusers_image() -> np.ndarray:
-        return np.asarray(pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.cfg, height=64,
-                               width=64, generator=torch.Generator().manual_seed(7)).images[0]).astype(int)
-
-    reference = diffusers_image()
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    theirs = diffusers_image()
-
-    base = small_base("sd2v")
-    plain = np.asarray(sample_images(base, [prompt], [7], settings)[0]).astype(int)
-    apply_loras(base, load_loras_for(base, [LoraSpec(lora)]))
-    ours = np.asarray(sample_images(base, [prompt], [7], settings)[0]).astype(int)
-
-    assert np.abs(plain - reference).max() <= 2, "without a LoRA the two samplers already differ"
-    assert np.abs(theirs - reference).max() > 8, "the LoRA should visibly change the image"
-    assert np.abs(ours - theirs).max() <= 2
+    assert_lora_image_matches_diffusers(pipe, "sd2v", lora, prompt, settings)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import small_recipe
+from conftest import assert_lora_image_matches_diffusers, small_recipe
 
 from tuner.formats.io import read_header
 from tuner.models.base import check_base_spec, export_base, load_base
 from tuner.models.families import SDXL
 from tuner.models.prompts import encode_conditioning, unet_kwargs
 from tuner.models.small import small_base
-from tuner.sample.generate import LoraSpec, apply_loras, load_loras_for
+from tuner.sample.generate import LoraSpec, load_loras_for
 from tuner.sample.sampler import SampleSettings, sample_images
 from tuner.train.loop import train
 from tuner.train.setup import setup_run
@@ -119,24 +119,7 @@ def test_sdxl_lora_matches_diffusers_pipeline(sdxl_lora):
         scheduler=DDIMScheduler.from_config(theirs_base.scheduler_config),
         **theirs_base.components, **theirs_base.tokenizers,
     )
-    pipe.set_progress_bar_config(disable=True)
-
-    def diffusers_image() -> np.ndarray:
-        return np.asarray(pipe(PROMPT, num_inference_steps=SETTINGS.steps, guidance_scale=SETTINGS.cfg, height=64,
-                               width=64, generator=torch.Generator().manual_seed(7)).images[0]).astype(int)
-
-    reference = diffusers_image()
-    pipe.load_lora_weights(str(sdxl_lora.parent), weight_name=sdxl_lora.name)
-    theirs = diffusers_image()
-
-    base = small_base("sdxl")
-    plain = np.asarray(sample_images(base, [PROMPT], [7], SETTINGS)[0]).astype(int)
-    apply_loras(base, load_loras_for(base, [LoraSpec(sdxl_lora)]))
-    ours = np.asarray(sample_images(base, [PROMPT], [7], SETTINGS)[0]).astype(int)
-
-    assert np.abs(plain - reference).max() <= 2, "without a LoRA the two samplers already differ"
-    assert np.abs(theirs - reference).max() > 8, "the LoRA should visibly change the image"
-    assert np.abs(ours - theirs).max() <= 2
+    assert_lora_image_matches_diffusers(pipe, "sdxl", sdxl_lora, PROMPT, SETTINGS)
 
 
 @pytest.mark.slow
