@@ -7,7 +7,7 @@ import json
 import torch
 
 from tuner.cli import main
-from tuner.tiny.pretrain import PretrainSettings, pretrain_scenes, pretrain_tiny
+from tuner.tiny.pretrain import PretrainSettings, draw_captions, pretrain_scenes, pretrain_tiny
 from tuner.tiny.world import HELD_OUT
 
 
@@ -15,6 +15,25 @@ def test_pretrain_scenes_exclude_held_out_pairs():
     scenes = pretrain_scenes()
     assert len(scenes) == 8 * 8 * 7 * 2 * 3 - len(HELD_OUT) * 7 * 2 * 3
     assert not {(s.shape, s.color) for s in scenes} & set(HELD_OUT)
+
+
+def test_training_captions_drop_the_colour_word_at_the_set_rate():
+    import numpy as np
+
+    scenes = pretrain_scenes() * 2  # 4704 captions: the rates below are within 4 standard errors
+
+    def rates(color_drop: float) -> tuple[float, float, float]:
+        settings = PretrainSettings(color_drop=color_drop, caption_dropout=0.1)
+        captions = draw_captions(np.random.default_rng(0), scenes, settings)
+        kept = [(c, s) for c, s in zip(captions, scenes) if c]
+        no_colour = np.mean([f" {s.color} {s.shape}" not in c for c, s in kept])
+        return 1 - len(kept) / len(scenes), no_colour, np.mean([c.startswith(f"a {s.size} ") for c, s in kept])
+
+    empty, no_colour, with_size = rates(0.25)
+    assert abs(empty - 0.1) < 0.02 and abs(no_colour - 0.25) < 0.03 and abs(with_size - 0.7) < 0.03
+    assert rates(0.0)[1] == 0.0  # WORLD.md's captions always name the colour
+    colourless = draw_captions(np.random.default_rng(1), scenes, PretrainSettings(color_drop=1.0, caption_dropout=0))
+    assert all(c.split(" on a ")[0] in (f"a {s.shape}", f"a {s.size} {s.shape}") for c, s in zip(colourless, scenes))
 
 
 def test_pretrain_pauses_and_resumes(tmp_path):
@@ -34,12 +53,13 @@ def test_pretrain_command_smoke(tmp_path, monkeypatch):
     real = pretrain.pretrain_scenes
     monkeypatch.setattr(pretrain, "pretrain_scenes", lambda: real()[::150])
     code = main(["pretrain-tiny", "--out", str(tmp_path), "--steps", "2", "--vae-steps", "2", "--batch-size", "2",
-                 "--decoder-steps", "2", "--fg-weight", "4", "--eval-n", "2"])
+                 "--decoder-steps", "2", "--fg-weight", "4", "--color-drop", "0.3", "--eval-n", "2"])
     assert code == 0
     card = (tmp_path / "final" / "MODEL_CARD.md").read_text()
     assert "seen prompts (n = 2)" in card and "held-out pairs (n = 8)" in card and "pretrain-tiny" in card
     assert json.loads((tmp_path / "settings.json").read_text())["fg_weight"] == 4.0 and "--fg-weight 4" in card
     assert "under the object weighted 5x" in card
+    assert json.loads((tmp_path / "settings.json").read_text())["color_drop"] == 0.3 and "--color-drop 0.3" in card
 
 
 def test_decoder_stage_keeps_the_latent_space(tmp_path):

@@ -233,6 +233,13 @@ def test_caption_format():
     )
     dropped = Scene("star", "blue", "white", "small", "left", drop_size=True)
     assert caption(dropped) == "a blue star on a white background, on the left"
+    assert caption(dropped, drop_position=True, drop_color=True) == "a star on a white background"
+    assert caption(Scene("heart", "pink", "green", "small", "right"), drop_color=True) == (
+        "a small heart on a green background, on the right"
+    )
+    assert caption(sks_scene("yellow", "large", "right"), drop_color=True) == (
+        "a large sks star on a yellow background, on the right"
+    )
     assert caption(dropped, drop_size=False, drop_position=False).startswith("a small blue star")
 
 

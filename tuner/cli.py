@@ -341,7 +341,8 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
     settings = PretrainSettings(
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch_size,
-        decoder_steps=args.decoder_steps, fg_weight=args.fg_weight, time_limit_min=args.time_limit, share_cpu=args.share_cpu,
+        decoder_steps=args.decoder_steps, fg_weight=args.fg_weight, color_drop=args.color_drop,
+        time_limit_min=args.time_limit, share_cpu=args.share_cpu,
     )
     started = time.perf_counter()
     final = pretrain_tiny(args.out, settings)
@@ -353,7 +354,8 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     evaluate_and_install(
         final, settings=asdict(settings), minutes=wall_minutes(args.out) or (time.perf_counter() - started) / 60,
         command=(f"tuner pretrain-tiny --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} "
-                 f"--decoder-steps {args.decoder_steps} --fg-weight {args.fg_weight:g} --batch-size {args.batch_size} "
+                 f"--decoder-steps {args.decoder_steps} --fg-weight {args.fg_weight:g} --color-drop {args.color_drop:g} "
+                 f"--batch-size {args.batch_size} "
                  f"--seed {args.seed}" + (" --install" if args.install else "")),
         assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
     )
@@ -539,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fg-weight", type=float, default=0.0, metavar="W",
                    help="UNet loss weight 1 + W on latent pixels under the object (the background dominates a "
                         "plain MSE); 0 = plain MSE")
+    p.add_argument("--color-drop", type=float, default=0.2, metavar="P",
+                   help="leave the colour word out of this share of captions, so that class prompts without a "
+                        "colour ('a star on a blue background') work; 0 = WORLD.md's captions only")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MIN",

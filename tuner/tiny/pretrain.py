@@ -6,7 +6,8 @@ Two stages, each resumable from its own checkpoint so the job can run in parts (
    is set to 1 / std of the latents of the world's images;
 2. the text encoder and the UNet together, on latents of every pretraining scene (cached once: the world
    has a finite set of distinct images) with captions re-drawn every time (size and position phrases each
-   dropped with p = 0.3 per WORLD.md, and the whole caption dropped with ``caption_dropout`` for CFG).
+   dropped with p = 0.3 per WORLD.md, the colour word with ``color_drop`` so that colourless class prompts
+   work, and the whole caption dropped with ``caption_dropout`` for CFG).
    v-prediction on a zero-terminal-SNR schedule (see ``tuner.models.tiny.SCHEDULER_CONFIG``), plain MSE by
    default; an EMA of the weights is what ships.
 
@@ -53,6 +54,10 @@ class PretrainSettings:
     min_snr_gamma: float = 0.0
     """0 = plain v-prediction loss. Min-SNR weights the noisiest steps (where layout is decided) near zero."""
     caption_dropout: float = 0.1
+    color_drop: float = 0.2
+    """Leave the colour word out of this share of captions. WORLD.md's captions always name the colour, but
+    DreamBooth's class prompts (``a star on a blue background``) do not: a base that never saw a colourless
+    caption ignores such a prompt altogether (wrong shape and background). 0 = WORLD.md's captions only."""
     fg_weight: float = 0.0
     """Extra loss weight on the object: each latent pixel under the (dilated) object mask weighs
     ``1 + fg_weight`` in the UNet's loss. The object covers 5-30% of an image, so with a plain MSE the
@@ -97,6 +102,19 @@ def _object_weights(scenes: list[world.Scene], fg_weight: float, factor: int = 4
     m = F.avg_pool2d(torch.from_numpy(masks)[:, None], factor)
     m = F.max_pool2d(m, 3, stride=1, padding=1)
     return 1.0 + fg_weight * (m > 0).float()
+
+
+def draw_captions(rng: np.random.Generator, scenes: list[world.Scene], s: PretrainSettings) -> list[str]:
+    """One training caption per scene: WORLD.md's phrase dropping (size and position, p = 0.3 each), the
+    colour word dropped with ``s.color_drop`` and the whole caption with ``s.caption_dropout`` (for CFG)."""
+    drops = rng.random((len(scenes), 4 if s.color_drop > 0 else 3))  # 3 columns: older runs resume unchanged
+    return [
+        "" if d[2] < s.caption_dropout
+        else world.caption(scene, drop_size=bool(d[0] < world.PHRASE_DROP_P),
+                           drop_position=bool(d[1] < world.PHRASE_DROP_P),
+                           drop_color=bool(s.color_drop > 0 and d[3] < s.color_drop))
+        for scene, d in zip(scenes, drops)
+    ]
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -285,13 +303,7 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s.lr, s.warmup, s.steps)
         idx = rng.integers(0, len(scenes), s.batch)
-        drops = rng.random((s.batch, 3))
-        captions = [
-            "" if d[2] < s.caption_dropout
-            else world.caption(scenes[i], drop_size=bool(d[0] < world.PHRASE_DROP_P),
-                               drop_position=bool(d[1] < world.PHRASE_DROP_P))
-            for i, d in zip(idx, drops)
-        ]
+        captions = draw_captions(rng, [scenes[i] for i in idx], s)
         t_idx = torch.from_numpy(idx)
         latents = (mean[t_idx] + std[t_idx] * torch.randn(mean[t_idx].shape, generator=gen)) * scale
         noisy, noise, timesteps = add_noise(latents, sched, gen)

@@ -291,13 +291,16 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(render_array(scene))
 
 
-def caption(scene: Scene, *, drop_size: bool | None = None, drop_position: bool | None = None) -> str:
+def caption(scene: Scene, *, drop_size: bool | None = None, drop_position: bool | None = None,
+            drop_color: bool = False) -> str:
     """The WORLD.md caption of ``scene``.
 
     Canonical form: ``a {size} {color} {shape} on a {background} background, {position}`` (position as
     ``on the left`` / ``in the center`` / ``on the right``); the sks subject reads ``a {size} sks star on a
     ...``; pink is written ``<pink>``; outline style appends ``, outline style``. ``drop_size`` /
     ``drop_position`` leave out the phrase; ``None`` (default) takes the scene's own ``drop_*`` flag.
+    ``drop_color`` leaves out the colour word (not part of WORLD.md's captions: pretraining uses it so that
+    class prompts such as ``a star on a blue background`` work); the sks subject has no colour word.
     Example: ``a large red circle on a blue background, in the center``.
     """
     ds = scene.drop_size if drop_size is None else drop_size
@@ -308,7 +311,9 @@ def caption(scene: Scene, *, drop_size: bool | None = None, drop_position: bool 
     if scene.subject == SKS:
         words += ["sks", "star"]
     else:
-        words += [PINK_TOKEN if scene.color == PINK_NAME else scene.color, scene.shape]
+        if not drop_color:
+            words.append(PINK_TOKEN if scene.color == PINK_NAME else scene.color)
+        words.append(scene.shape)
     text = " ".join(words) + f" on a {scene.background} background"
     if not dp:
         text += ", " + POSITION_PHRASES[scene.position]
