@@ -38,6 +38,39 @@ def test_class_images_are_generated_once_and_reused(circles, tmp_path):
     assert [p.stat().st_mtime_ns for p in pngs] == stamps
 
 
+def test_class_images_drawn_by_another_base_are_drawn_again(circles, tmp_path):
+    from PIL import Image
+
+    from tuner.sample.png import save_png
+    from tuner.train.prior import drawn_by
+
+    run = setup_run(prior_recipe(circles, tmp_path), **QUIET)
+    folder = tmp_path / "class_images"
+    mine = run.base.fingerprint()
+    assert [drawn_by(p) for p in sorted(folder.glob("class_*.png"))] == [mine] * 3
+    stale = folder / "class_00001.png"
+    with Image.open(stale) as image:  # as if an older base had drawn it
+        save_png(image.copy(), stale, parameters=image.info["parameters"].replace(mine, "0123456789ab"))
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "user.png")  # the user's own image: no fingerprint
+    (folder / "user.txt").write_text("a red circle on a blue background")
+    keep = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png") if p != stale}
+    messages = []
+    setup_run(prior_recipe(circles, tmp_path, prior__num_images=4), log=messages.append)
+    assert any("deleted 1 class images" in m and "0123456789ab" in m for m in messages)
+    assert drawn_by(stale) == mine and {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png") if p != stale} == keep
+
+
+def test_base_fingerprint_follows_the_weights(tmp_path):
+    from tuner.models.base import export_base
+
+    a, b = load_base("tiny"), load_base("tiny")
+    assert a.fingerprint() == b.fingerprint()
+    assert load_base(str(export_base(a, tmp_path / "copy"))).fingerprint() == a.fingerprint()
+    with torch.no_grad():
+        b.unet.conv_in.weight[0, 0, 0, 0] += 1e-3
+    assert b.fingerprint() != a.fingerprint()
+
+
 def test_prior_loss_is_added_with_its_weight(circles, tmp_path):
     def loss(weight):
         run = setup_run(prior_recipe(circles, tmp_path, prior__loss_weight=weight), **QUIET)

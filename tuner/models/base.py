@@ -78,6 +78,20 @@ class BaseModel:
             module.to(device)
         return self
 
+    def fingerprint(self) -> str:
+        """12 hex digits that tell two bases' weights apart (a sha256 over the UNet's first and last conv, the
+        first text encoder's token table and the VAE decoder's last conv; under a second for SD-size models).
+        Written into the images tuner draws for caches (class images), so a cache drawn by another base is
+        recognised. Not a file hash: the same weights loaded from a folder or a single file agree."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        tensors = (self.unet.conv_in.weight, self.unet.conv_out.weight,
+                   self.text_encoder.get_input_embeddings().weight, self.vae.decoder.conv_out.weight)
+        for t in tensors:
+            digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:12]
+
 
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")

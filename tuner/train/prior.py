@@ -11,6 +11,12 @@ every instance bucket needs its quota of class images (a share of ``count`` in p
 samples in it, at least one), counting the images already there by the bucket they fall in
 (:func:`tuner.data.buckets.plan_in_buckets`); the missing ones are drawn at that bucket's size, as
 ``class_<W>x<H>_<j>.png`` from ``prompts[j % len(prompts)]`` with seed ``seed + j``.
+
+Each image tuner draws records the base's :meth:`~tuner.models.base.BaseModel.fingerprint` in its PNG
+parameters. Images in the folder that tuner drew with another base (say, before an upgrade of the embedded
+base, or with a different ``model.base``) show that base's class, not this one's: they are deleted, with
+their captions, and drawn again, and the log says so. Images without a fingerprint (the user's own, or
+another tool's) are always kept.
 """
 
 from __future__ import annotations
@@ -58,9 +64,11 @@ def ensure_class_images(
     (module docstring); ``count`` is then only reported.
     """
     folder = Path(folder)
+    fingerprint = base.fingerprint()
+    _drop_stale(folder, fingerprint, log)
     if quotas:
         return _ensure_per_bucket(base, folder, prompts=prompts, quotas=quotas, settings=settings, seed=seed,
-                                  log=log)
+                                  fingerprint=fingerprint, log=log)
     have = count_images(folder)
     if have >= count:
         log(f"prior preservation: reusing {have} class images in '{folder}'")
@@ -78,7 +86,7 @@ def ensure_class_images(
             continue
         if count_images(folder) >= count:
             break
-        _draw(base, prompts[i % len(prompts)], seed + i, settings, png)
+        _draw(base, prompts[i % len(prompts)], seed + i, settings, png, fingerprint)
     return folder
 
 
@@ -89,13 +97,47 @@ def _create(folder: Path) -> None:
         raise TunerError(f"prior preservation: cannot create the class image folder '{folder}': {exc}") from exc
 
 
-def _draw(base: BaseModel, prompt: str, seed: int, settings: SampleSettings, png: Path) -> None:
-    """One class image from ``prompt`` at ``seed``, written as ``png`` (with A1111 parameters) and its caption."""
+FINGERPRINT_FIELD = "Base fingerprint"
+
+
+def drawn_by(png: Path) -> str | None:
+    """The base fingerprint in a PNG's parameters (None: not drawn by tuner, or unreadable)."""
+    try:
+        with Image.open(png) as image:  # text chunks come with the header
+            text = str(image.info.get("parameters", ""))
+    except (OSError, ValueError):
+        return None
+    marker = f"{FINGERPRINT_FIELD}: "
+    at = text.rfind(marker)
+    if at < 0:
+        return None
+    return text[at + len(marker):].split(",")[0].strip() or None
+
+
+def _drop_stale(folder: Path, fingerprint: str, log) -> None:
+    """Delete the class images (and captions) in ``folder`` that tuner drew with another base."""
+    if not folder.is_dir():
+        return
+    stale = [p for p in image_files(folder) if drawn_by(p) not in (None, fingerprint)]
+    if not stale:
+        return
+    others = sorted({str(drawn_by(p)) for p in stale})
+    for png in stale:
+        png.unlink()
+        png.with_suffix(".txt").unlink(missing_ok=True)
+    log(f"prior preservation: deleted {len(stale)} class images in '{folder}' that tuner drew with another base "
+        f"(fingerprint {', '.join(others)}; this base is {fingerprint}); they are drawn again with this one")
+
+
+def _draw(base: BaseModel, prompt: str, seed: int, settings: SampleSettings, png: Path, fingerprint: str) -> None:
+    """One class image from ``prompt`` at ``seed``, written as ``png`` (with A1111 parameters and the base's
+    fingerprint) and its caption."""
     image = sample_images(base, [prompt], [seed], settings)[0]
     write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
     save_png(image, png, parameters=infotext(
         prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
         cfg=settings.cfg, seed=seed, width=image.width, height=image.height,
+        extra={FINGERPRINT_FIELD: fingerprint},
     ))
 
 
@@ -106,7 +148,7 @@ def _image_size(path: Path) -> Size:
 
 def _ensure_per_bucket(
     base: BaseModel, folder: Path, *, prompts: Sequence[str], quotas: Mapping[Size, int],
-    settings: SampleSettings, seed: int, log=print,
+    settings: SampleSettings, seed: int, fingerprint: str, log=print,
 ) -> Path:
     buckets = sorted(quotas)
     files = image_files(folder) if folder.is_dir() else []
@@ -131,7 +173,8 @@ def _ensure_per_bucket(
         while n > 0:
             png = folder / f"class_{w}x{h}_{j:05d}.png"
             if not png.exists():
-                _draw(base, prompts[j % len(prompts)], seed + j, replace(settings, width=w, height=h), png)
+                _draw(base, prompts[j % len(prompts)], seed + j, replace(settings, width=w, height=h), png,
+                      fingerprint)
                 n -= 1
                 bar.update()
             j += 1
