@@ -13,6 +13,7 @@ order of the learning rate (1e-3) per step.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,14 +58,15 @@ save_dtype = "fp32"
 """
 
 # Each worker runs two `tuner train --processes 2` command lines in turn (one launch, to keep the test short):
-# a fresh run, and a run resumed from the checkpoint a 1-process run saved.
+# a fresh run, and a run resumed from the checkpoint a 1-process run saved, with the optimizer's states
+# sharded between the processes (optim.shard_states, ZeRO-1).
 DRIVER = """
 import sys
 from tuner.cli import main
 
 fresh, resumed, checkpoint = sys.argv[1:]
 code = main(["train", fresh, "--processes", "2"])
-sys.exit(code or main(["train", resumed, "--processes", "2", "--resume", checkpoint]))
+sys.exit(code or main(["train", resumed, "--processes", "2", "--resume", checkpoint, "--set", "optim.shard_states=true"]))
 """
 
 
@@ -99,6 +101,11 @@ def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 def losses(out: Path, step: int) -> list[float]:
     state = torch.load(out / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=True)
     return state["history"]["loss"]
+
+
+def optimizer_state(out: Path, step: int) -> dict[int, dict[str, torch.Tensor]]:
+    state = torch.load(out / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=True)
+    return state["optimizer"]["state"]
 
 
 def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -136,7 +143,7 @@ def test_two_processes_train_like_one_with_the_whole_batch_and_resume_across_cou
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-20000:]
     # only the main process logs (and shows progress): one arithmetic line per run
     arithmetic = [line for line in proc.stdout.splitlines() if line.startswith("step arithmetic")]
     assert len(arithmetic) == 2 and all(
@@ -156,8 +163,20 @@ def test_two_processes_train_like_one_with_the_whole_batch_and_resume_across_cou
     for run in ("one", "two"):  # kohya's total batch counts every process: 2 x 1 x 2 and 1 x 2 x 2
         with safe_open(tmp_path / run / "t.safetensors", "pt") as f:
             assert f.metadata()["ss_total_batch_size"] == "4"
-    # 1 -> 2 processes: resumed at step 2, the same weights at step 4
+    # 1 -> 2 processes with sharded optimizer states: each process held part of them (loaded from the
+    # 1-process checkpoint); the same weights at step 4, and the states gathered into the checkpoint are the
+    # 1-process run's
+    sharding = [line for line in proc.stdout.splitlines() if line.startswith("optimizer states sharded")]
+    assert len(sharding) == 1, proc.stdout[-3000:]
+    mine, total = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of the ([\d,]+)", sharding[0])[0])
+    assert 0 < mine < total
     assert_same(weights(tmp_path / "two_resumed", 4), weights(tmp_path / "one", 4))
+    got, want = optimizer_state(tmp_path / "two_resumed", 4), optimizer_state(tmp_path / "one", 4)
+    assert got.keys() == want.keys() and len(want) == len(weights(tmp_path / "one", 4))
+    for i in want:
+        assert want[i]["step"] == got[i]["step"] == 4
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(got[i][name], want[i][name], rtol=1e-3, atol=1e-7), (i, name)
     # 2 -> 1 process: the 2-process checkpoint of step 2 continues in one process with batch 2
     back = recipe_file(tmp_path, data, tmp_path / "back", batch=2)
     shutil.copytree(tmp_path / "one" / "class_images", tmp_path / "back" / "class_images")

@@ -188,6 +188,11 @@ class OptimConfig:
     """Step the optimizer for each tensor as soon as its gradient is ready, inside backward, and free that
     gradient: the full set of gradients never exists at once (for full fine-tunes). Needs
     train.gradient_accumulation = 1, train.max_grad_norm = 0 and no fp16 (bf16 or no)."""
+    shard_states: bool = False
+    """With several processes (``--processes N``, accelerate, torchrun): each process keeps the optimizer
+    states of only 1/N of the trained tensors, steps those, and sends the new weights to the others (ZeRO
+    stage 1, torch's ``ZeroRedundancyOptimizer``). Same weights as without it; it pays off for full
+    fine-tunes, whose AdamW states are 8 bytes per weight. No effect with one process."""
     learning_rate: float = 1e-4
     text_encoder_lr: float = 0.0
     """0 = same as learning_rate."""

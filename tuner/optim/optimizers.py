@@ -20,6 +20,7 @@ def build_optimizer(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    sharded: bool = False,
 ) -> torch.optim.Optimizer:
     """``adamw`` (torch), ``adamw8bit`` (bitsandbytes: 8-bit optimizer states, ~1/4 of AdamW's memory) or
     ``adafactor`` (transformers: a factored second moment only, a row and a column per matrix).
@@ -27,15 +28,28 @@ def build_optimizer(
     Each group carries its own ``lr`` (UNet and text encoder can differ). Adafactor runs with
     ``relative_step=False`` and ``scale_parameter=False``, so each group's ``lr`` (and the LR schedule) is
     the step size, as with AdamW; ``betas`` and ``eps`` do not apply to it (no first moment, its own eps).
+
+    ``sharded``: inside an initialised process group, torch's ``ZeroRedundancyOptimizer`` around that optimizer
+    (ZeRO stage 1: each process holds and steps the states of its share of the tensors, then broadcasts them).
+    Its ``state_dict()`` needs ``consolidate_state_dict()`` on every process first
+    (:func:`tuner.train.distributed.gather_optimizer_state`).
     """
-    kwargs = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    cls, kwargs = _optimizer_class(name, param_groups, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if sharded:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(list(param_groups), optimizer_class=cls, **kwargs)
+    return cls(param_groups, **kwargs)
+
+
+def _optimizer_class(name: str, param_groups: Sequence[dict[str, Any]], **kwargs: Any) -> tuple[type, dict[str, Any]]:
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(param_groups, lr=param_groups[0]["lr"] if param_groups else 1e-4, relative_step=False,
-                         scale_parameter=False, warmup_init=False, weight_decay=weight_decay)
+        return Adafactor, {"lr": param_groups[0]["lr"] if param_groups else 1e-4, "relative_step": False,
+                           "scale_parameter": False, "warmup_init": False, "weight_decay": kwargs["weight_decay"]}
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, **kwargs)
+        return torch.optim.AdamW, kwargs
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -44,7 +58,7 @@ def build_optimizer(
                 "optimizer 'adamw8bit' needs bitsandbytes: `pip install bitsandbytes` "
                 "(or `pip install 'tuner-diffusion[bnb]'`), or set optim.optimizer = \"adamw\""
             ) from exc
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+        return bnb.optim.AdamW8bit, kwargs
     raise TunerError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 

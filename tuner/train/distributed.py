@@ -16,6 +16,9 @@ module holds what tuner does with it. The contract, for ``W`` processes with per
   DDP: the loop calls the base's modules directly, so one explicit all-reduce per optimizer step replaces
   DDP's hooks (and gradient accumulation needs no ``no_sync``).
 * Only the main process (rank 0) writes files, logs and shows progress.
+* With ``optim.shard_states`` the optimizer is torch's ``ZeroRedundancyOptimizer`` (ZeRO stage 1): each
+  process keeps the states of its share of the tensors; :func:`gather_optimizer_state` collects them on the
+  main process before a checkpoint, in the ordinary (unsharded) layout, so any process count resumes it.
 
 With ``W = 1`` every function here is the identity, so a single process runs exactly as before.
 """
@@ -145,6 +148,15 @@ def step_totals(loss: float, stop: bool, world: int, device: torch.device) -> tu
     totals = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return float(totals[0]) / world, bool(totals[1] > 0)
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, world: int) -> None:
+    """Every process calls this before the main process saves a checkpoint: a sharded optimizer (ZeRO-1)
+    sends its states to process 0, whose ``state_dict()`` is then the whole, unsharded state. A no-op for an
+    ordinary optimizer or one process."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if world > 1 and hasattr(inner, "consolidate_state_dict"):
+        inner.consolidate_state_dict(to=0)
 
 
 SUPPORTED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU")

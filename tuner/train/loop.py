@@ -23,7 +23,7 @@ from tuner.models.prompts import unet_kwargs
 from tuner.train.batches import batch_at, latents_for, prompt_embeds_for
 from tuner.train.caches import cache_latents, cache_prompts
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
-from tuner.train.distributed import step_totals, sync_gradients
+from tuner.train.distributed import gather_optimizer_state, step_totals, sync_gradients
 from tuner.train.export import export_adapter, write_preview
 from tuner.train.objective import add_noise, diffusion_loss, target_for
 from tuner.train.run_report import RunReport
@@ -228,6 +228,7 @@ def train(run: Run, log=print) -> TrainResult:
                 raise TrainingStopped(_bad_steps_message(run, step, bad))
             if stop.signal is not None:
                 bar.close()
+                gather_optimizer_state(run.optimizer, shard.world)
                 path = save(run, step) if shard.is_main else run.out_dir / "checkpoints" / f"step_{step:06d}"
                 run.accelerator.wait_for_everyone()
                 report.write(step, f"stopped at step {step} by {stop.signal}; resume with --resume latest")
@@ -239,11 +240,16 @@ def train(run: Run, log=print) -> TrainResult:
                 with averaged(run):
                     tracker.image(step, "preview", write_preview(run, step))
                 report.write(step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad and shard.is_main:
-                save(run, step)  # never during a run of skipped steps: the last good checkpoint stays newest
-                report.write(step)
+            # never during a run of skipped steps: the last good checkpoint stays newest (`bad` is the same on
+            # every process, so all of them take part in gathering a sharded optimizer's state)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad:
+                gather_optimizer_state(run.optimizer, shard.world)
+                if shard.is_main:
+                    save(run, step)
+                    report.write(step)
     bar.close()
     outputs = []
+    gather_optimizer_state(run.optimizer, shard.world)
     if shard.is_main:
         save(run, step)
         with averaged(run):

@@ -362,11 +362,19 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         if is_rows:
             lr = recipe.embedding.learning_rate
         groups.append({"params": params, "lr": lr, "name": component})
+    sharded = opt.shard_states and shard.world > 1  # (fused_backward with several processes is refused above)
+    if opt.shard_states and not sharded:
+        log("NOTE: optim.shard_states has no effect with one process: nothing to share the states with")
     make = functools.partial(build_optimizer, opt.optimizer, betas=opt.betas, eps=opt.eps,
-                             weight_decay=opt.weight_decay)
+                             weight_decay=opt.weight_decay, sharded=sharded)
     # fused: per-tensor steps inside backward (tuner.optim.fused); never wrapped by accelerate, whose
     # optimizer wrapper would step (and unscale) all tensors at once
     optimizer = FusedBackward(groups, make) if opt.fused_backward else make(groups)
+    if sharded:
+        mine = sum(p.numel() for g in optimizer.optim.param_groups for p in g["params"])
+        total = sum(p.numel() for g in groups for p in g["params"])
+        log(f"optimizer states sharded over {shard.world} processes (optim.shard_states, ZeRO stage 1): process 0 "
+            f"keeps those of {mine:,} of the {total:,} trained weights")
     lr_scheduler = build_schedule(
         optimizer, opt.schedule, warmup_steps=opt.warmup_steps, total_steps=recipe.train.steps
     )
@@ -378,7 +386,9 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
                               else accelerator.prepare_model(module, evaluation_mode=True))
     broadcast_parameters([p for group in groups for p in group["params"]], shard.world)
     if not opt.fused_backward:
-        optimizer = accelerator.prepare(optimizer)
+        # without device placement for a sharded optimizer: accelerate's would read state_dict() on every process,
+        # which a sharded one has only once gathered (its states are still empty, and are made on their device)
+        optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False if sharded else None)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
     arithmetic = StepArithmetic(
         images=index.num_images,
