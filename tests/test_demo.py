@@ -42,6 +42,7 @@ def test_demo_settings_are_the_recipes_settings(tmp_path):
         assert (ours.train.steps, ours.train.batch_size, ours.train.seed) == (
             theirs.train.steps, theirs.train.batch_size, theirs.train.seed), name
         assert ours.optim.learning_rate == theirs.optim.learning_rate and ours.data.repeats == theirs.data.repeats
+        assert ours.optim.text_encoder_lr == theirs.optim.text_encoder_lr, name
         assert ours.prior.enabled == theirs.prior.enabled == prior, name
         if prior:
             assert ours.prior.class_prompts == theirs.prior.class_prompts, name
