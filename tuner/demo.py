@@ -50,7 +50,7 @@ def demo_recipe(
     # LoRA took the subject from 20.3% to 32.8% and the prior star from 9.4% to 21.9% (UNet only: 6.2%).
     # On the colour-drop base, with the class prompts above: the text encoder's LoRA at 2e-4 instead of 1e-3
     # gave subject 53.1% / prior star 12.5% (1e-3: 46.9% / 12.5%; UNet only, bare class prompts: 31.2% /
-    # 3.1%; prior loss weight 2: 31.2% / 9.4%).
+    # 3.1%; coloured, 1e-3, prior loss weight 2: 31.2% / 9.4%).
     r.adapter.targets = "attention_ff_proj"
     r.adapter.rank = 16
     r.adapter.alpha = 16.0
