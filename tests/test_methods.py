@@ -38,16 +38,17 @@ def test_class_images_are_generated_once_and_reused(circles, tmp_path):
     assert [p.stat().st_mtime_ns for p in pngs] == stamps
 
 
-def test_class_images_drawn_by_another_base_are_drawn_again(circles, tmp_path):
+def test_class_images_from_another_base_or_prompt_are_drawn_again(circles, tmp_path):
     from PIL import Image
 
     from tuner.sample.png import save_png
-    from tuner.train.prior import drawn_by
+    from tuner.train.prior import _drop_stale, drawn_by
 
     run = setup_run(prior_recipe(circles, tmp_path), **QUIET)
     folder = tmp_path / "class_images"
     mine = run.base.fingerprint()
-    assert [drawn_by(p) for p in sorted(folder.glob("class_*.png"))] == [mine] * 3
+    drawn = [drawn_by(p) for p in sorted(folder.glob("class_*.png"))]
+    assert drawn == [(mine, "a red circle on a blue background")] * 3
     stale = folder / "class_00001.png"
     with Image.open(stale) as image:  # as if an older base had drawn it
         save_png(image.copy(), stale, parameters=image.info["parameters"].replace(mine, "0123456789ab"))
@@ -57,7 +58,20 @@ def test_class_images_drawn_by_another_base_are_drawn_again(circles, tmp_path):
     messages = []
     setup_run(prior_recipe(circles, tmp_path, prior__num_images=4), log=messages.append)
     assert any("deleted 1 class images" in m and "0123456789ab" in m for m in messages)
-    assert drawn_by(stale) == mine and {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png") if p != stale} == keep
+    assert drawn_by(stale)[0] == mine
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png") if p != stale} == keep
+    # a new class prompt: the images drawn from the old one are drawn again from it; the user's image stays
+    messages.clear()
+    setup_run(prior_recipe(circles, tmp_path, prior__num_images=4,
+                           prior__class_prompts=["a green circle on a blue background"]), log=messages.append)
+    assert any("deleted 3 class images" in m and "no longer in prior.class_prompts" in m for m in messages)
+    assert {drawn_by(p) for p in folder.glob("class_*.png")} == {(mine, "a green circle on a blue background")}
+    assert (folder / "user.png").exists() and len(list(folder.glob("*.png"))) == 4
+    # no class prompts: nothing could be redrawn, so stale images are reported and kept
+    messages.clear()
+    _drop_stale(folder, "ffffffffffff", [], messages.append)
+    assert len(list(folder.glob("*.png"))) == 4 and any(m.startswith("WARNING") and "3 drawn by another base" in m
+                                                        for m in messages)
 
 
 def test_base_fingerprint_follows_the_weights(tmp_path):

@@ -12,11 +12,11 @@ samples in it, at least one), counting the images already there by the bucket th
 (:func:`tuner.data.buckets.plan_in_buckets`); the missing ones are drawn at that bucket's size, as
 ``class_<W>x<H>_<j>.png`` from ``prompts[j % len(prompts)]`` with seed ``seed + j``.
 
-Each image tuner draws records the base's :meth:`~tuner.models.base.BaseModel.fingerprint` in its PNG
-parameters. Images in the folder that tuner drew with another base (say, before an upgrade of the embedded
-base, or with a different ``model.base``) show that base's class, not this one's: they are deleted, with
-their captions, and drawn again, and the log says so. Images without a fingerprint (the user's own, or
-another tool's) are always kept.
+Each image tuner draws records its prompt and the base's :meth:`~tuner.models.base.BaseModel.fingerprint`
+in its PNG parameters. Images in the folder that tuner drew with another base (say, before an upgrade of the
+embedded base, or with a different ``model.base``), or from a prompt no longer in ``prompts``, are not this
+recipe's class images: they are deleted, with their captions, and drawn again, and the log says so. Images
+without a fingerprint (the user's own, or another tool's) are always kept.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def ensure_class_images(
     """
     folder = Path(folder)
     fingerprint = base.fingerprint()
-    _drop_stale(folder, fingerprint, log)
+    _drop_stale(folder, fingerprint, prompts, log)
     if quotas:
         return _ensure_per_bucket(base, folder, prompts=prompts, quotas=quotas, settings=settings, seed=seed,
                                   fingerprint=fingerprint, log=log)
@@ -100,8 +100,9 @@ def _create(folder: Path) -> None:
 FINGERPRINT_FIELD = "Base fingerprint"
 
 
-def drawn_by(png: Path) -> str | None:
-    """The base fingerprint in a PNG's parameters (None: not drawn by tuner, or unreadable)."""
+def drawn_by(png: Path) -> tuple[str, str] | None:
+    """``(base fingerprint, prompt)`` of a class image tuner drew (from its PNG parameters); None for any
+    other image, or an unreadable one."""
     try:
         with Image.open(png) as image:  # text chunks come with the header
             text = str(image.info.get("parameters", ""))
@@ -109,24 +110,40 @@ def drawn_by(png: Path) -> str | None:
         return None
     marker = f"{FINGERPRINT_FIELD}: "
     at = text.rfind(marker)
-    if at < 0:
-        return None
-    return text[at + len(marker):].split(",")[0].strip() or None
+    fingerprint = text[at + len(marker):].split(",")[0].strip() if at >= 0 else ""
+    return (fingerprint, text.split("\n")[0]) if fingerprint else None
 
 
-def _drop_stale(folder: Path, fingerprint: str, log) -> None:
-    """Delete the class images (and captions) in ``folder`` that tuner drew with another base."""
+def _drop_stale(folder: Path, fingerprint: str, prompts: Sequence[str], log) -> None:
+    """Delete the class images (and captions) in ``folder`` that tuner drew with another base, or from a
+    prompt that is no longer among ``prompts``; they are drawn again. With no prompts nothing could be
+    redrawn, so they are only reported."""
     if not folder.is_dir():
         return
-    stale = [p for p in image_files(folder) if drawn_by(p) not in (None, fingerprint)]
+    reasons: Counter[str] = Counter()
+    stale = []
+    for png in image_files(folder):
+        drawn = drawn_by(png)
+        if drawn is None:
+            continue
+        if drawn[0] != fingerprint:
+            reasons[f"drawn by another base (fingerprint {drawn[0]}; this base is {fingerprint})"] += 1
+        elif prompts and drawn[1] not in prompts:
+            reasons["drawn from a prompt no longer in prior.class_prompts"] += 1
+        else:
+            continue
+        stale.append(png)
     if not stale:
         return
-    others = sorted({str(drawn_by(p)) for p in stale})
+    why = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+    if not prompts:
+        log(f"WARNING: prior preservation: class images in '{folder}': {why}. prior.class_prompts is empty, so "
+            "they are used as they are; delete them and give class prompts to draw them with this base")
+        return
     for png in stale:
         png.unlink()
         png.with_suffix(".txt").unlink(missing_ok=True)
-    log(f"prior preservation: deleted {len(stale)} class images in '{folder}' that tuner drew with another base "
-        f"(fingerprint {', '.join(others)}; this base is {fingerprint}); they are drawn again with this one")
+    log(f"prior preservation: deleted {len(stale)} class images in '{folder}' ({why}); they are drawn again")
 
 
 def _draw(base: BaseModel, prompt: str, seed: int, settings: SampleSettings, png: Path, fingerprint: str) -> None:
