@@ -104,6 +104,11 @@ class _NoReport:
 
 
 def save(run: Run, step: int) -> Path:
+    """Every process calls this at a checkpoint: a sharded optimizer's states are gathered on the main process
+    first, which alone writes ``<output>/checkpoints/step_XXXXXX``; returns that folder's path."""
+    gather_optimizer_state(run.optimizer, run.shard.world)
+    if not run.shard.is_main:
+        return run.out_dir / "checkpoints" / f"step_{step:06d}"
     state = CheckpointState(
         step=step,
         trainable={**trainable_state(run.trained), **(run.ema.state() if run.ema else {})},
@@ -228,8 +233,7 @@ def train(run: Run, log=print) -> TrainResult:
                 raise TrainingStopped(_bad_steps_message(run, step, bad))
             if stop.signal is not None:
                 bar.close()
-                gather_optimizer_state(run.optimizer, shard.world)
-                path = save(run, step) if shard.is_main else run.out_dir / "checkpoints" / f"step_{step:06d}"
+                path = save(run, step)
                 run.accelerator.wait_for_everyone()
                 report.write(step, f"stopped at step {step} by {stop.signal}; resume with --resume latest")
                 raise TrainingStopped(
@@ -241,17 +245,14 @@ def train(run: Run, log=print) -> TrainResult:
                     tracker.image(step, "preview", write_preview(run, step))
                 report.write(step)
             # never during a run of skipped steps: the last good checkpoint stays newest (`bad` is the same on
-            # every process, so all of them take part in gathering a sharded optimizer's state)
+            # every process, so all of them reach save(), which gathers a sharded optimizer's state)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad:
-                gather_optimizer_state(run.optimizer, shard.world)
-                if shard.is_main:
-                    save(run, step)
-                    report.write(step)
+                save(run, step)
+                report.write(step)
     bar.close()
     outputs = []
-    gather_optimizer_state(run.optimizer, shard.world)
+    save(run, step)
     if shard.is_main:
-        save(run, step)
         with averaged(run):
             outputs = export_adapter(run)
     run.accelerator.wait_for_everyone()  # the other processes return once the files are written
