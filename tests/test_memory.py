@@ -123,6 +123,36 @@ def test_bf16_training_with_half_weights_trains_and_previews(circles, tmp_path):
     assert (tmp_path / "previews" / "step_000001.png").is_file() and result.outputs
 
 
+def _forward_growth(circles, out) -> tuple[int, int]:
+    """(bytes of live tensors added by one forward pass of a bf16, checkpointed full fine-tune, measured at
+    the UNet's last line; bytes of one bf16 copy of the trained weights)."""
+    from tuner.plan.measure import TensorMemory
+
+    recipe = small_recipe(circles, out, train__steps=1, adapter__method="dreambooth",
+                          train__gradient_checkpointing=True, train__mixed_precision="bf16")
+    run = setup_run(recipe, **QUIET)
+    prepare_caches(run, **QUIET)
+    grown: list[int] = []
+    with TensorMemory("cpu", trainable=run.params, optimizer=run.optimizer) as mem:
+        start = mem.current
+        hook = run.base.unet.register_forward_hook(lambda *_: grown.append(mem.current - start))
+        loop.compute_loss(run, 0, torch.Generator().manual_seed(0))
+        hook.remove()
+    return grown[0], 2 * sum(p.numel() for p in run.params)
+
+
+def test_autocast_keeps_no_half_copy_of_the_trained_weights(circles, tmp_path, monkeypatch):
+    """With autocast's cast cache (torch's default) a bf16 copy of every fp32 trained weight lives until the
+    forward pass ends, past gradient checkpointing: one more model copy for a full fine-tune."""
+    import accelerate.utils
+
+    without_cache, copy = _forward_growth(circles, tmp_path / "a")
+    default = accelerate.utils.AutocastKwargs
+    monkeypatch.setattr(accelerate.utils, "AutocastKwargs", lambda **_: default())  # torch's default: cache
+    with_cache, _ = _forward_growth(circles, tmp_path / "b")
+    assert with_cache - without_cache > 0.6 * copy, (with_cache, without_cache, copy)
+
+
 def test_fp16_on_cpu_keeps_fp32_weights(circles, tmp_path):
     """accelerate runs no fp16 autocast on the CPU: half weights would then meet fp32 activations."""
     notes: list[str] = []

@@ -140,13 +140,21 @@ def pick_device(spec: str) -> torch.device:
 def make_accelerator(mixed_precision: str, *, cpu: bool):
     """An ``accelerate.Accelerator`` for this run. accelerate keeps one process-wide state and refuses a
     second run with another precision in the same process (a notebook, the tests); a single-process
-    state is reset for the new run instead."""
+    state is reset for the new run instead.
+
+    Its autocast keeps no cache of weight casts: with the cache, the half-precision copy of
+    every fp32 trainable weight stays alive until the forward pass ends, one more copy of the model for a full
+    fine-tune (SD1.5: 1.6 GiB, measured on an H100 with ``bench/gpu.py --features``). Without it a cast lives
+    as long as its operation needs it: under gradient checkpointing, not past its block. Each weight is used
+    once per forward pass, so the cache saved no cast."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, DistributedType
+    from accelerate.utils import AutocastKwargs
 
     if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.NO:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu,
+                       kwargs_handlers=[AutocastKwargs(cache_enabled=False)])
 
 
 def _silent(*_args, **_kwargs) -> None:
