@@ -1,7 +1,8 @@
 """GPU benchmark: peak memory and seconds per step of a LoRA on full-size SD1.5 (512 px) and SDXL (1024 px).
 
-Status: written in a session without an accelerator. It has run end to end only in its CPU tiny mode; no
-GPU figure has been recorded yet. Run it whenever a GPU is available and record the card and the table.
+Status: run on an NVIDIA H100 80GB HBM3 on 2026-11-28 (torch 2.11.0+cu130; rows in
+bench/results/gpu_nvidia-h100-80gb-hbm3_2026-11-28.json, README "GPU benchmark"). Run it whenever a GPU is
+available and record the card and the table.
 
 Each configuration runs in its own child process: a full-size architecture with random weights, built on the
 device (``tuner.models.random_base``), LoRA rank 16 on the attention projections, batch 1, bf16 autocast

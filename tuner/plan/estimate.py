@@ -28,6 +28,8 @@ import itertools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from torch import nn
+
 from tuner.config.schema import Recipe
 from tuner.errors import TunerError
 from tuner.plan.activations import (
@@ -57,7 +59,17 @@ DEVICES = (
     ("H100 SXM 80GB", 80, 67.0, 989.0),
 )
 UTILISATION = (0.25, 0.5)
-"""Fraction of peak FLOPS a diffusion training step reaches (small batches and convs: rarely above half)."""
+"""Fraction of peak FLOPS the step's matrix work reaches (small batches and convs: rarely above half)."""
+HOST_SECONDS_PER_LAYER_CALL = (120e-6, 210e-6)
+"""Time per UNet layer call (a Linear, conv or norm in one pass) that no card removes: Python, kernel
+launches, the small memory-bound kernels. Fitted on an H100 (bench/gpu.py, 2026-11-28: SD1.5 512 px and
+SDXL 1024 px LoRA, batch 1, bf16, with and without checkpointing: 127-208 us), where the GPU was busy for
+about a third of the step; the same host time is assumed for every card."""
+HOST_SECONDS_PER_TENSOR_STEP = (150e-6, 300e-6)
+"""Host time of an optimizer that steps tensor by tensor (Adafactor, or any optimizer under the fused
+backward), per trained tensor; AdamW's multi-tensor step is in the layer-call figure. Fitted on the same H100:
+a full SD1.5 fine-tune with Adafactor + fused backward took 0.17 s per step more than with AdamW, over 686
+tensors (250 us each)."""
 
 PRESET_GB = (8, 12, 16, 24)
 
@@ -361,7 +373,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
         trainable_params=trainable,
         frozen_params=frozen,
         step_flops=flops,
-        times=_times(flops, half),
+        times=_times(flops, half, _host_seconds(sk.unet, s, len(all_shapes))),
     )
     if half and s.weight_dtype == "fp32":
         plan.notes.append(
@@ -371,11 +383,28 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     return plan
 
 
-def _times(flops: int, half: bool) -> list[dict[str, Any]]:
+def _layer_calls(unet: nn.Module, s: Settings) -> int:
+    """UNet layer calls in one step: its leaf modules (dropout aside) once forward, twice backward, once more
+    when checkpointing recomputes the forward pass."""
+    layers = sum(1 for m in unet.modules() if not next(m.children(), None) and not isinstance(m, nn.Dropout))
+    return layers * (4 if s.gradient_checkpointing else 3)
+
+
+def _host_seconds(unet: nn.Module, s: Settings, tensors: int) -> tuple[float, float]:
+    """The range of a step's host time: UNet layer calls, and an optimizer stepping tensor by tensor."""
+    calls = _layer_calls(unet, s) * s.gradient_accumulation
+    per_tensor = tensors if s.optimizer == "adafactor" or s.fused_backward else 0
+    lo, hi = (calls * a + per_tensor * b for a, b in zip(HOST_SECONDS_PER_LAYER_CALL, HOST_SECONDS_PER_TENSOR_STEP))
+    return lo, hi
+
+
+def _times(flops: int, half: bool, host: tuple[float, float]) -> list[dict[str, Any]]:
+    """Per reference card: the matrix work at UTILISATION of its peak plus the step's host time."""
     rows = []
     for name, mem_gb, fp32, tensor in DEVICES:
         peak = (tensor if half else fp32) * 1e12
-        lo, hi = flops / (peak * UTILISATION[1]), flops / (peak * UTILISATION[0])
+        lo = flops / (peak * UTILISATION[1]) + host[0]
+        hi = flops / (peak * UTILISATION[0]) + host[1]
         rows.append(
             {"device": name, "memory_gb": mem_gb, "seconds_min": round(lo, 4), "seconds_max": round(hi, 4)}
         )
@@ -562,8 +591,10 @@ def format_plan(plan: Plan) -> str:
         "",
         f"trainable {plan.trainable_params:,} params, frozen {plan.frozen_params:,}; "
         f"step {plan.step_flops / 1e12:,.2f} TFLOP (forward x3{' +1 recompute' if s.gradient_checkpointing else ''})",
-        f"time per step at {UTILISATION[0]:.0%}-{UTILISATION[1]:.0%} of peak "
-        f"{'bf16/fp16 tensor-core' if s.mixed_precision != 'no' else 'fp32'} FLOPS (spec sheets; not measured):",
+        f"time per step: FLOPs at {UTILISATION[0]:.0%}-{UTILISATION[1]:.0%} of peak "
+        f"{'bf16/fp16 tensor-core' if s.mixed_precision != 'no' else 'fp32'} FLOPS (spec sheets) + "
+        f"{HOST_SECONDS_PER_LAYER_CALL[0] * 1e6:.0f}-{HOST_SECONDS_PER_LAYER_CALL[1] * 1e6:.0f} us of host time "
+        "per UNet layer call (fitted on an H100 with bench/gpu.py; other cards not measured):",
     ]
     for row in plan.times:
         lines.append(f"  {row['device']:<16} {row['seconds_min']:.3g}-{row['seconds_max']:.3g} s")
