@@ -153,6 +153,41 @@ def test_autocast_keeps_no_half_copy_of_the_trained_weights(circles, tmp_path, m
     assert with_cache - without_cache > 0.6 * copy, (with_cache, without_cache, copy)
 
 
+def _bf16_lora_run(circles, out) -> tuple[list[float], int]:
+    """(losses, tensor copies) of 2 bf16 LoRA steps with checkpointing, preview at the end."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    recipe = small_recipe(circles, out, train__steps=2, train__mixed_precision="bf16",
+                          train__gradient_checkpointing=True, preview__every=2,
+                          preview__prompts=["a white circle"], preview__steps=2)
+    run = setup_run(recipe, **QUIET)
+    prepare_caches(run, **QUIET)
+    with Copies():
+        train(run, **QUIET)
+    return run.history["loss"], Copies.n
+
+
+def test_adapter_input_casts_are_skipped_under_autocast(circles, tmp_path, monkeypatch):
+    """peft casts a bf16 input up to the fp32 adapter and autocast casts it back down: skipped inside the
+    training step (forward and checkpointed recompute), with the same losses; previews outside autocast
+    still get the casts they need (they would fail with mixed dtypes otherwise)."""
+    import tuner.train.setup as setup
+
+    losses, copies = _bf16_lora_run(circles, tmp_path / "a")
+    assert (tmp_path / "a" / "previews" / "step_000002.png").is_file()
+    monkeypatch.setattr(setup, "adapter_layers", lambda _m: [])
+    losses_cast, copies_cast = _bf16_lora_run(circles, tmp_path / "b")
+    assert losses == losses_cast
+    assert copies < 0.7 * copies_cast, (copies, copies_cast)
+
+
 def test_fp16_on_cpu_keeps_fp32_weights(circles, tmp_path):
     """accelerate runs no fp16 autocast on the CPU: half weights would then meet fp32 activations."""
     notes: list[str] = []

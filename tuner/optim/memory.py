@@ -6,6 +6,8 @@ Plain functions over modules (no recipe): :func:`tuner.train.setup.setup_run` de
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -75,3 +77,27 @@ def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def adapter_layers(module: nn.Module) -> list[nn.Module]:
+    """peft's adapter layers inside ``module`` (LoRA Linear/Conv wrappers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapter_input_casts_off(layers: list[nn.Module]) -> Iterator[None]:
+    """Inside autocast: peft's adapter layers stop casting their input to the adapter's fp32 dtype.
+
+    peft casts a bf16 input up to the fp32 ``lora_A`` weight and autocast casts both straight back down for
+    the matmul: two copies per layer per pass, and the same again in backward, with identical results (a
+    bf16 -> fp32 -> bf16 round trip is exact). Outside autocast (previews with bf16 frozen weights) the cast is
+    needed, so it is switched off only for the block this context covers."""
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True

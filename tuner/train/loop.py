@@ -20,6 +20,7 @@ from tuner.adapters.lora import trainable_state
 from tuner.config.load import recipe_to_dict
 from tuner.errors import TunerError
 from tuner.models.prompts import unet_kwargs
+from tuner.optim.memory import adapter_input_casts_off
 from tuner.train.batches import batch_at, latents_for, prompt_embeds_for
 from tuner.train.caches import cache_latents, cache_prompts
 from tuner.train.checkpoint import CheckpointState, save_checkpoint
@@ -199,10 +200,12 @@ def train(run: Run, log=print) -> TrainResult:
             torch.manual_seed(step_seed(cfg.seed, step) + shard.rank)
             loss_sum = 0.0
             for micro in range(cfg.gradient_accumulation):
-                loss = compute_loss(run, step * cfg.gradient_accumulation + micro, generator)
-                loss_sum += loss.item() / cfg.gradient_accumulation
-                if not (fused and not math.isfinite(loss_sum)):  # fused: backward would step the weights
-                    run.accelerator.backward(loss / cfg.gradient_accumulation)
+                # the forward pass and backward's recomputation (checkpointing) both run under autocast
+                with adapter_input_casts_off(run.autocast_adapters):
+                    loss = compute_loss(run, step * cfg.gradient_accumulation + micro, generator)
+                    loss_sum += loss.item() / cfg.gradient_accumulation
+                    if not (fused and not math.isfinite(loss_sum)):  # fused: backward would step the weights
+                        run.accelerator.backward(loss / cfg.gradient_accumulation)
             loss_sum, stopping = step_totals(loss_sum, stop.signal is not None, shard.world, run.device)
             if stopping and stop.signal is None:
                 stop.signal = "a stop request to another process"

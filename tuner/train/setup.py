@@ -23,7 +23,7 @@ from tuner.errors import TunerError
 from tuner.formats.io import writable_folder_problem
 from tuner.models.base import BaseModel, load_base
 from tuner.optim.fused import FusedBackward
-from tuner.optim.memory import cast_frozen, frozen_dtype, set_attention, to_channels_last
+from tuner.optim.memory import adapter_layers, cast_frozen, frozen_dtype, set_attention, to_channels_last
 from tuner.optim.optimizers import build_optimizer, build_schedule
 from tuner.train.distributed import Shard, broadcast_parameters, check_launch
 from tuner.train.ema import Ema
@@ -102,6 +102,9 @@ class Run:
     """Frozen components moved off the training device after caching (``vae``, ``text_encoder``)."""
     shard: Shard = Shard()
     """This process's place in data-parallel training (``tuner.train.distributed``); one process by default."""
+    autocast_adapters: list[nn.Module] = field(default_factory=list)
+    """The UNet's peft adapter layers when autocast runs: their input casts are skipped inside it
+    (``tuner.optim.memory.adapter_input_casts_off``)."""
 
     @property
     def text_encoder_frozen(self) -> bool:
@@ -432,4 +435,5 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         class_dataset=class_dataset,
         ema=ema,
         shard=shard,
+        autocast_adapters=adapter_layers(base.unet) if accelerator.native_amp else [],
     )
