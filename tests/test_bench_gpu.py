@@ -21,7 +21,7 @@ def test_gpu_bench_tiny_mode_on_cpu(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "no GPU figure has been recorded yet" in done.stdout  # the status is printed, not only written
+    assert "Status: run on an NVIDIA H100" in done.stdout  # the status is printed, not only written
     table = [ln for ln in done.stdout.splitlines() if ln.startswith("| sd15 (tiny) |")]
     assert len(table) == 2, done.stdout
     assert "| 2.87 | 0.181 |" in table[0] and "| 1.98 | 0.305 |" in table[1]  # anchors beside each row
