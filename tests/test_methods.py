@@ -38,6 +38,34 @@ def test_class_images_are_generated_once_and_reused(circles, tmp_path):
     assert [p.stat().st_mtime_ns for p in pngs] == stamps
 
 
+def test_class_images_drawn_in_batches_keep_their_names_prompts_and_seeds(circles, tmp_path):
+    """prior.batch_size: the same files as one at a time (names, captions, seeds, pixels within one level),
+    and a user's own image still counts towards num_images."""
+    import numpy as np
+    from PIL import Image
+
+    def read_parameters(png):
+        with Image.open(png) as image:
+            return image.info["parameters"]
+
+    prompts = ["a red circle on a blue background", "a white square on a black background"]
+    one, batched = tmp_path / "one", tmp_path / "batched"
+    for folder, size in ((one, 1), (batched, 2)):
+        folder.mkdir()
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(folder / "class_00001.png")  # the user's own
+        (folder / "class_00001.txt").write_text("a circle")
+        setup_run(prior_recipe(circles, tmp_path / folder.name, prior__class_dir=str(folder),
+                               prior__class_prompts=prompts, prior__num_images=5, prior__batch_size=size), **QUIET)
+    names = ["class_00000.png", "class_00001.png", "class_00002.png", "class_00003.png", "class_00004.png"]
+    assert sorted(p.name for p in batched.glob("class_*.png")) == names
+    for name in names[:1] + names[2:]:
+        a, b = one / name, batched / name
+        assert read_parameters(a) == read_parameters(b)
+        assert "Seed: " + str(int(name[6:11])) in read_parameters(b)
+        assert (b.with_suffix(".txt")).read_text().strip() == prompts[int(name[6:11]) % 2]
+        assert np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max() <= 1
+
+
 def test_class_images_from_another_base_or_prompt_are_drawn_again(circles, tmp_path):
     from PIL import Image
 

@@ -163,7 +163,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loras = load_loras_for(base, specs, lenient=args.lenient)
     apply_loras(base, loras, merge=not args.no_merge)
     settings = SampleSettings(
-        steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=width, height=height, negative=args.negative
+        steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=width, height=height, negative=args.negative,
+        batch_size=args.batch_size,
     )
     paths = generate(
         base, loras, prompt=args.prompt, count=args.n, seed=args.seed, settings=settings, out_dir=Path(args.out),
@@ -308,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tuner.tiny.evaluate import compare, run_eval
     from tuner.train.setup import pick_device
 
-    settings = SampleSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler)
+    settings = SampleSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, batch_size=args.batch_size)
     options = dict(n=args.n, seeds=args.seeds, seed=args.seed, token=args.token, settings=settings)
     device = pick_device(args.device)
     specs = [LoraSpec.parse(s) for s in args.lora or ()]
@@ -362,12 +363,17 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """--steps, --cfg and --sampler, shared by every command that samples images. The sampler names repeat
-    ``tuner.sample.sampler.SAMPLERS`` so that ``--help`` does not import torch (a test keeps them equal)."""
+def _add_sampling_options(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """--steps, --cfg, --sampler and --batch-size, shared by every command that samples images. The sampler
+    names repeat ``tuner.sample.sampler.SAMPLERS`` so that ``--help`` does not import torch (a test keeps them
+    equal)."""
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--sampler", choices=("ddim", "euler", "euler_a", "dpmpp_2m"), default="ddim")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                   help=f"images denoised together (default {batch_size}; an image does not depend on its batch, "
+                        "up to float rounding); more is faster on GPUs and small models, 1 keeps memory flat")
+
 
 
 def _add_recipe_options(p: argparse.ArgumentParser) -> None:
@@ -436,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-n", type=int, default=1, help="number of images (seeds SEED..SEED+n-1)")
     p.add_argument("--seed", type=int, default=0)
-    _add_sampling_options(p)
+    _add_sampling_options(p, batch_size=1)
     p.add_argument("--size", metavar="WxH", help="image size (default: the base's native size)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs as separate layers instead of merging")
@@ -563,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=200, help="images for base / heldout")
     p.add_argument("--seeds", type=int, default=8, help="seeds per prompt (or per shape) for the other modes")
     p.add_argument("--seed", type=int, default=0, help="first seed; scene choices are seeded with it too")
-    _add_sampling_options(p)
+    _add_sampling_options(p, batch_size=8)
     p.add_argument("--token", default="<pink>", help="the colour token, for --mode color")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print a JSON document (every image's judgement)")

@@ -35,6 +35,11 @@ CLASS_PROMPTS = [
 ]
 
 
+SAMPLE_BATCH = 8
+"""Images the demo denoises together (class images, grids, evaluation): about 2x faster than one at a time on
+2 CPU cores for the tiny base."""
+
+
 def demo_recipe(
     data: Path, out: Path, steps: int | None = None, prior: bool = True, class_images: int = 48, sample_steps: int = 20
 ) -> Recipe:
@@ -68,6 +73,7 @@ def demo_recipe(
         r.prior.class_prompts = list(CLASS_PROMPTS)
         r.prior.num_images = class_images
         r.prior.steps = sample_steps
+        r.prior.batch_size = SAMPLE_BATCH
         r.prior.class_dir = str(out / "class_images")
     r.output.dir = str(out / "run")
     r.output.name = "sks_star"
@@ -103,7 +109,7 @@ def run_demo(
     result = train(run, log=log)
     lora_path = result.outputs[0]
 
-    settings = SampleSettings(steps=sample_steps, cfg=5.0, sampler="ddim")
+    settings = SampleSettings(steps=sample_steps, cfg=5.0, sampler="ddim", batch_size=SAMPLE_BATCH)
     seeds = list(range(len(DEMO_PROMPTS)))
     plain = load_base("tiny")
     tuned = load_base("tiny")

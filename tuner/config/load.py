@@ -272,6 +272,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("embedding.vectors", lambda v: 1 <= v <= 75, "between 1 and 75"),
     ("embedding.learning_rate", lambda v: v > 0, "> 0"),
     ("prior.num_images", lambda v: v >= 1, ">= 1"),
+    ("prior.batch_size", lambda v: v >= 1, ">= 1"),
     ("prior.loss_weight", lambda v: v >= 0, ">= 0"),
     ("prior.steps", lambda v: v >= 1, ">= 1"),
     ("train.ema_decay", lambda v: 0 <= v < 1, "0 (off) or a decay in (0, 1), e.g. 0.999"),

@@ -56,8 +56,9 @@ def ensure_class_images(
     """Make ``folder`` hold at least ``count`` captioned class images; returns the folder.
 
     Image ``i`` (``class_00000.png`` ...) is drawn from ``prompts[i % len(prompts)]`` with seed ``seed + i``,
-    so a cache filled in several runs equals one filled at once. Each image and caption is written to a
-    temporary name and renamed, so an interrupted run leaves no half-written file.
+    so a cache filled in several runs equals one filled at once (up to the float rounding of batched kernels
+    when ``settings.batch_size`` > 1). Each image and caption is written to a temporary name and renamed, so
+    an interrupted run leaves no half-written file.
 
     ``quotas`` (aspect-ratio buckets; ``(width, height)`` -> images, from
     :func:`tuner.data.buckets.bucket_quotas`): the folder must hold that many images in each bucket instead
@@ -80,13 +81,15 @@ def ensure_class_images(
         )
     _create(folder)
     log(f"prior preservation: generating {count - have} class images into '{folder}' ({have} already there)")
-    for i in tqdm(range(count), desc="class images", unit="img", leave=False):
+    jobs = []  # the first free names, until the folder (the user's own images counted) holds ``count``
+    for i in range(count):
         png = folder / f"class_{i:05d}.png"
-        if png.exists():
-            continue
-        if count_images(folder) >= count:
+        if have + len(jobs) >= count:
             break
-        _draw(base, prompts[i % len(prompts)], seed + i, settings, png, fingerprint)
+        if not png.exists():
+            jobs.append((prompts[i % len(prompts)], seed + i, png))
+    with tqdm(total=len(jobs), desc="class images", unit="img", leave=False) as bar:
+        _draw(base, jobs, settings, fingerprint, bar)
     return folder
 
 
@@ -146,16 +149,23 @@ def _drop_stale(folder: Path, fingerprint: str, prompts: Sequence[str], log) -> 
     log(f"prior preservation: deleted {len(stale)} class images in '{folder}' ({why}); they are drawn again")
 
 
-def _draw(base: BaseModel, prompt: str, seed: int, settings: SampleSettings, png: Path, fingerprint: str) -> None:
-    """One class image from ``prompt`` at ``seed``, written as ``png`` (with A1111 parameters and the base's
-    fingerprint) and its caption."""
-    image = sample_images(base, [prompt], [seed], settings)[0]
-    write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
-    save_png(image, png, parameters=infotext(
-        prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
-        cfg=settings.cfg, seed=seed, width=image.width, height=image.height,
-        extra={FINGERPRINT_FIELD: fingerprint},
-    ))
+def _draw(
+    base: BaseModel, jobs: Sequence[tuple[str, int, Path]], settings: SampleSettings, fingerprint: str, bar: tqdm
+) -> None:
+    """Class images for ``(prompt, seed, png)`` jobs, ``settings.batch_size`` at a time; each written as its
+    ``png`` (with A1111 parameters and the base's fingerprint) and its caption as soon as its batch is done."""
+    size = max(1, settings.batch_size)
+    for start in range(0, len(jobs), size):
+        batch = jobs[start : start + size]
+        images = sample_images(base, [prompt for prompt, _, _ in batch], [seed for _, seed, _ in batch], settings)
+        for (prompt, seed, png), image in zip(batch, images, strict=True):
+            write_bytes_atomic(png.with_suffix(".txt"), (prompt + "\n").encode("utf-8"))
+            save_png(image, png, parameters=infotext(
+                prompt=prompt, negative=settings.negative, steps=settings.steps, sampler=settings.sampler,
+                cfg=settings.cfg, seed=seed, width=image.width, height=image.height,
+                extra={FINGERPRINT_FIELD: fingerprint},
+            ))
+        bar.update(len(batch))
 
 
 def _image_size(path: Path) -> Size:
@@ -184,16 +194,13 @@ def _ensure_per_bucket(
     _create(folder)
     log(f"prior preservation: generating {sum(missing.values())} class images into '{folder}' in the instance "
         f"buckets (held/needed: {shown})")
-    bar = tqdm(total=sum(missing.values()), desc="class images", unit="img", leave=False)
-    for (w, h), n in missing.items():
-        j = 0
-        while n > 0:
-            png = folder / f"class_{w}x{h}_{j:05d}.png"
-            if not png.exists():
-                _draw(base, prompts[j % len(prompts)], seed + j, replace(settings, width=w, height=h), png,
-                      fingerprint)
-                n -= 1
-                bar.update()
-            j += 1
-    bar.close()
+    with tqdm(total=sum(missing.values()), desc="class images", unit="img", leave=False) as bar:
+        for (w, h), n in missing.items():
+            jobs, j = [], 0
+            while len(jobs) < n:
+                png = folder / f"class_{w}x{h}_{j:05d}.png"
+                if not png.exists():
+                    jobs.append((prompts[j % len(prompts)], seed + j, png))
+                j += 1
+            _draw(base, jobs, replace(settings, width=w, height=h), fingerprint, bar)
     return folder

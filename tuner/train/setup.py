@@ -242,7 +242,8 @@ def build_class_dataset(recipe: Recipe, base: BaseModel, resolution: int, device
         base, class_image_dir(recipe), prompts=p.class_prompts, count=p.num_images,
         # drawn at the training resolution (buckets: at each bucket's size), not the base's native size: an
         # SDXL job at 512 px would otherwise draw 1024 px images only to scale them down
-        settings=SampleSettings(steps=p.steps, cfg=p.cfg, sampler=p.sampler, width=resolution, height=resolution),
+        settings=SampleSettings(steps=p.steps, cfg=p.cfg, sampler=p.sampler, width=resolution, height=resolution,
+                                batch_size=p.batch_size),
         seed=p.seed, log=log, quotas=quotas,
     )
     index = scan_dataset(folder, strict=recipe.data.strict)
