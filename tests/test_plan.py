@@ -324,3 +324,43 @@ def test_plan_agrees_with_the_h100_measurements(path):
             assert plan.total_bytes / GB == pytest.approx(row["peak_allocated_gib"], rel=0.15), name
         h100 = next(t for t in plan.times if t["device"].startswith("H100"))
         assert h100["seconds_min"] <= row["seconds_per_step"] <= h100["seconds_max"], (name, h100)
+
+
+def test_state_shares_follow_zero_partitioning():
+    """torch's ZeroRedundancyOptimizer: largest tensor first, each to the process with the fewest values
+    (ties to the lowest rank). AdamW keeps 8 bytes per value."""
+    from tuner.plan.estimate import state_shares
+
+    shapes = [(10,), (40,), (30,), (20,), (5, 2)]
+    # 40 -> 0, 30 -> 1, 20 -> 1 (30 < 40), 10 -> 0 (40 < 50), (5, 2) -> 0 (50 = 50: the lowest rank)
+    assert state_shares("adamw", shapes, 2) == [8 * 60, 8 * 50]
+    assert state_shares("adamw", shapes, 1) == [8 * 110]
+
+
+def test_plan_per_process_with_sharded_states():
+    recipe = _recipe("dreambooth", mixed_precision="bf16", gradient_checkpointing=True)
+    one = plan_recipe(recipe, family="sd15")
+    four = plan_recipe(recipe, family="sd15", processes=4)
+    recipe.optim.shard_states = True
+    sharded = plan_recipe(recipe, family="sd15", processes=4)
+    s_one, s_four, s_sharded = (p.component("optimizer states") for p in (one, four, sharded))
+    assert s_four == s_one  # unsharded: every process keeps all of them
+    assert s_one / 4 <= s_sharded < s_one / 4 + 8 * 23_000_000  # within one large tensor
+    assert "sharded over 4 processes" in next(c.note for c in sharded.components if c.name == "optimizer states")
+    assert sharded.total_bytes < four.total_bytes
+    # several processes average their gradients through a flat bucket at the optimizer step
+    step_lora = plan_recipe(_recipe("lora"), family="sd15", processes=2)
+    assert step_lora.total_bytes >= plan_recipe(_recipe("lora"), family="sd15").total_bytes
+
+
+def test_fit_for_several_processes_shards_instead_of_fusing(capsys):
+    """tuner train refuses the fused backward with several processes; sharding the states is the cheap
+    change instead, and the CLI says so."""
+    from tuner.cli import main
+
+    assert main(["plan", str(ROOT / "recipes" / "sd15" / "dreambooth.toml"), "--family", "sd15",
+                 "--set", "model.base=tiny", "--processes", "4", "--vram", "9"]) == 0
+    out = capsys.readouterr().out
+    assert "4 processes (figures per process)" in out
+    fix = next(ln for ln in out.splitlines() if "fits with" in ln)
+    assert "optim.shard_states=true" in fix and "fused_backward" not in fix

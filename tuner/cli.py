@@ -98,9 +98,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     recipe = _recipe_from_args(args)
     skeleton = build_skeleton(recipe.model.base, args.family, recipe.model.prediction)
-    plan = plan_recipe(recipe, skeleton=skeleton)
-    fitted = fit(skeleton, recipe, args.vram) if args.vram else None
-    table = presets(skeleton, recipe) if args.vram or args.presets else []
+    plan = plan_recipe(recipe, skeleton=skeleton, processes=args.processes)
+    fitted = fit(skeleton, recipe, args.vram, processes=args.processes) if args.vram else None
+    table = presets(skeleton, recipe, processes=args.processes) if args.vram or args.presets else []
     if args.json:
         doc = {"plan": plan.to_dict()}
         if args.vram:
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", type=float, metavar="GB", help="propose the cheapest settings that fit GB, with presets")
     p.add_argument("--presets", action="store_true", help="the cheapest settings for 8, 12, 16 and 24 GB cards")
     p.add_argument("--family", help="plan for this family's architecture (tiny, sd15, sd2, sd2v, sdxl), not the base")
+    p.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                   help="data-parallel processes, as for tuner train (figures per process; with "
+                        "optim.shard_states each keeps its share of the optimizer states)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 

@@ -42,6 +42,7 @@ from tuner.plan.activations import (
     vae_encode_workspace,
 )
 from tuner.plan.skeleton import Skeleton, build_skeleton, lora_tensor_sizes, param_count
+from tuner.train.distributed import GRADIENT_BUCKET
 
 MB = 1024**2
 GB = 1024**3
@@ -89,6 +90,11 @@ class Settings:
     weight_dtype: str = "auto"
     fused_backward: bool = False
     ema_on_cpu: bool = False
+    processes: int = 1
+    """Data-parallel processes (``tuner train --processes``): each holds the whole model and its own
+    ``batch_size``; the figures are per process."""
+    shard_states: bool = False
+    """``optim.shard_states``: with several processes each keeps only its share of the optimizer states."""
 
 
 @dataclass
@@ -137,9 +143,9 @@ class Plan:
         }  # fmt: skip
 
 
-def settings_from_recipe(recipe: Recipe, native_resolution: int) -> Settings:
+def settings_from_recipe(recipe: Recipe, native_resolution: int, processes: int = 1) -> Settings:
     t = recipe.train
-    return Settings(
+    return Settings(processes=processes, shard_states=recipe.optim.shard_states,
         resolution=recipe.data.resolution or native_resolution, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, mixed_precision=t.mixed_precision,
         gradient_checkpointing=t.gradient_checkpointing, optimizer=recipe.optim.optimizer,
@@ -233,6 +239,14 @@ def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, 
     return shapes, full
 
 
+def _state_component(s: Settings, shapes: list[tuple[int, ...]]) -> Component:
+    if s.processes > 1 and s.shard_states:
+        shares = state_shares(s.optimizer, shapes, s.processes)
+        return Component("optimizer states", max(shares), f"{s.optimizer}, sharded over {s.processes} processes "
+                         f"(the largest share; at a checkpoint all {sum(shares) / MB:,.1f} MB gather in process 0's CPU memory)")
+    return Component("optimizer states", optimizer_state_bytes(s.optimizer, shapes), s.optimizer)
+
+
 def _count(shapes: list[tuple[int, ...]]) -> int:
     total = 0
     for shape in shapes:
@@ -289,7 +303,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
             else "none on the device (cached components moved off it)",
         ),
         Component("trainable weights", trainable * 4, f"{trainable / 1e6:,.2f}M params, fp32"),
-        Component("optimizer states", optimizer_state_bytes(s.optimizer, all_shapes), s.optimizer),
+        _state_component(s, all_shapes),
     ]
     if t.ema_decay > 0 and not s.ema_on_cpu:
         components.append(Component("EMA copy", trainable * 4, "fp32, train.ema_on_cpu = false"))
@@ -321,6 +335,15 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     )
     grads_at_peak = largest if fused else moment.gradient_params + other_grads
     step_temp = optimizer_step_bytes(s.optimizer, shapes, device=device, fused=fused)
+    step_note = f"{s.optimizer} step temporaries on {device}"
+    if s.processes > 1:
+        if s.shard_states:  # each process steps its own share
+            shares = state_shares(s.optimizer, all_shapes, s.processes)
+            step_temp = step_temp * max(shares) // max(1, sum(shares))
+        # tuner.train.distributed.sync_gradients averages the gradients bucket by bucket through a flat copy
+        bucket = max(min(GRADIENT_BUCKET, trainable), largest) * 4
+        step_temp += bucket
+        step_note += f" + a {bucket / MB:,.1f} MB gradient bucket (the average over {s.processes} processes)"
     note = f"UNet at {lat}x{lat} latents, batch {batch}" + (
         ", checkpointed" if s.gradient_checkpointing else ""
     )
@@ -351,7 +374,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     step = [
         Component("gradients", trainable * 4, "fp32, all of them (the optimizer step)"),
         Component("activations", 0, note + "; freed by the optimizer step"),
-        Component("workspace", step_temp, f"{s.optimizer} step temporaries on {device}"),
+        Component("workspace", step_temp, step_note),
     ]
     peak = step if not fused and sum(c.bytes for c in step) > sum(c.bytes for c in backward) else backward
     components[2:2] = peak[:1]
@@ -412,19 +435,37 @@ def _times(flops: int, half: bool, host: tuple[float, float]) -> list[dict[str, 
 
 
 def plan_recipe(
-    recipe: Recipe, *, family: str | None = None, skeleton: Skeleton | None = None, device: str = "cuda"
+    recipe: Recipe, *, family: str | None = None, skeleton: Skeleton | None = None, device: str = "cuda",
+    processes: int = 1,
 ) -> Plan:
     """Predict the peak memory of training ``recipe`` (no weight is loaded). ``family``: plan for that
-    family's architecture instead of ``recipe.model.base`` (e.g. ``sdxl``); ``device``: see :func:`plan_for`."""
+    family's architecture instead of ``recipe.model.base`` (e.g. ``sdxl``); ``device``: see :func:`plan_for`;
+    ``processes``: data-parallel processes (the figures are one process's)."""
     sk = skeleton or build_skeleton(recipe.model.base, family, recipe.model.prediction)
-    return plan_for(sk, recipe, settings_from_recipe(recipe, sk.family.resolution), device=device)
+    return plan_for(sk, recipe, settings_from_recipe(recipe, sk.family.resolution, processes), device=device)
+
+
+def state_shares(name: str, shapes: list[tuple[int, ...]], processes: int) -> list[int]:
+    """Optimizer state bytes each process keeps under ``optim.shard_states`` (torch's ZeroRedundancyOptimizer:
+    tensors largest first, each to the process holding the fewest values so far)."""
+    held, parts = [0] * processes, [[] for _ in range(processes)]
+    for shape in sorted(shapes, key=_count_one, reverse=True):
+        rank = held.index(min(held))
+        parts[rank].append(shape)
+        held[rank] += _count_one(shape)
+    return [optimizer_state_bytes(name, part) for part in parts]
+
+
+def _count_one(shape: tuple[int, ...]) -> int:
+    return _count([shape])
 
 
 # --- fitting a memory budget ------------------------------------------------------------------------------
 
 # What each change costs in speed or quality (not memory); the search minimises the sum. Free: caching
 # (same computation, the components leave the device). Cheap: half-precision storage and autocast, the EMA
-# copy on the CPU (a transfer per step), 8-bit AdamW (close to AdamW in practice), fused backward (no
+# copy on the CPU (a transfer per step), sharding the optimizer states over several processes (a gather at
+# each checkpoint), 8-bit AdamW (close to AdamW in practice), fused backward (no
 # clipping by the global norm). Dearer: Adafactor (another optimizer), gradient checkpointing (~30% more
 # time), a smaller micro-batch (accumulation keeps the effective batch, at lower throughput), and last a
 # lower resolution (changes what is learnt).
@@ -434,6 +475,7 @@ _COST = {
     "weight_dtype": 1,
     "mixed_precision": 1,
     "ema_on_cpu": 1,
+    "shard_states": 1,
     "adamw8bit": 2,
     "fused_backward": 2,
     "adafactor": 3,
@@ -464,9 +506,9 @@ def candidates(
     prompts = (
         {base.cache_prompts, True} if te_frozen and not recipe.data.shuffle_tags else {base.cache_prompts}
     )
-    fusable = method == "dreambooth"
+    fusable = method == "dreambooth" and base.processes == 1  # tuner train refuses it with several processes
     out = []
-    for cache, prompt, mp, wd, opt, fused, gc, b, r, ema in itertools.product(
+    for cache, prompt, mp, wd, opt, fused, gc, b, r, ema, shard in itertools.product(
         {base.cache_latents, True} if recipe.data.center_crop else {base.cache_latents},
         prompts,
         precisions,
@@ -477,6 +519,7 @@ def candidates(
         batches,
         resolutions,
         {base.ema_on_cpu, True} if recipe.train.ema_decay > 0 else {base.ema_on_cpu},
+        {base.shard_states, True} if base.processes > 1 else {base.shard_states},
     ):
         accumulation = base.gradient_accumulation * max(1, base.batch_size // b)
         if fused and not base.fused_backward and (accumulation > 1 or mp == "fp16"):
@@ -494,6 +537,7 @@ def candidates(
             resolution=r,
             gradient_accumulation=accumulation,
             ema_on_cpu=ema,
+            shard_states=shard,
         )
         cost = (
             _COST["cache_latents"] * (cache != base.cache_latents)
@@ -504,6 +548,7 @@ def candidates(
             + _COST["fused_backward"] * (fused != base.fused_backward)
             + _COST["gradient_checkpointing"] * (gc != base.gradient_checkpointing)
             + _COST["ema_on_cpu"] * (ema != base.ema_on_cpu)
+            + _COST["shard_states"] * (shard != base.shard_states)
             + _COST["halve_batch"] * (base.batch_size // b).bit_length() * (b != base.batch_size)
             + _COST["resolution_64"] * (base.resolution - r) // 64
         )
@@ -511,12 +556,13 @@ def candidates(
     return out
 
 
-def fit(sk: Skeleton, recipe: Recipe, vram_gb: float) -> Plan | None:
+def fit(sk: Skeleton, recipe: Recipe, vram_gb: float, processes: int = 1) -> Plan | None:
     """The cheapest settings whose predicted device peak (tensors, allocator slack and the CUDA context)
-    fits ``vram_gb``; among equal costs the smallest peak. None: nothing tried fits."""
+    fits ``vram_gb`` on each of ``processes`` devices; among equal costs the smallest peak. None: nothing
+    tried fits."""
     from tuner.optim.optimizers import OPTIMIZERS
 
-    base = settings_from_recipe(recipe, sk.family.resolution)
+    base = settings_from_recipe(recipe, sk.family.resolution, processes)
     budget = vram_gb * GB
     best: tuple[int, int, Plan] | None = None
     # cheapest first: once something fits, only candidates of the same cost can still win
@@ -543,6 +589,7 @@ def changes(before: Settings, after: Settings, max_grad_norm: float = 0.0) -> li
         "weight_dtype": "train.weight_dtype",
         "fused_backward": "optim.fused_backward",
         "ema_on_cpu": "train.ema_on_cpu",
+        "shard_states": "optim.shard_states",
     }
     out = []
     for name, key in keys.items():
@@ -555,11 +602,13 @@ def changes(before: Settings, after: Settings, max_grad_norm: float = 0.0) -> li
     return out
 
 
-def presets(sk: Skeleton, recipe: Recipe, sizes: tuple[float, ...] = PRESET_GB) -> list[dict[str, Any]]:
-    base = settings_from_recipe(recipe, sk.family.resolution)
+def presets(
+    sk: Skeleton, recipe: Recipe, sizes: tuple[float, ...] = PRESET_GB, processes: int = 1
+) -> list[dict[str, Any]]:
+    base = settings_from_recipe(recipe, sk.family.resolution, processes)
     rows = []
     for gb in sizes:
-        plan = fit(sk, recipe, gb)
+        plan = fit(sk, recipe, gb, processes)
         rows.append(
             {
                 "vram_gb": gb,
@@ -577,7 +626,9 @@ def format_plan(plan: Plan) -> str:
         f"plan: {plan.method} on {plan.family}, {s.resolution} px, batch {s.batch_size}"
         f"{' (x2 with prior preservation)' if plan.batch_on_device != s.batch_size else ''}, "
         f"accumulation {s.gradient_accumulation}, mixed_precision {s.mixed_precision}, optimizer {s.optimizer}, "
-        f"gradient_checkpointing {str(s.gradient_checkpointing).lower()}, cache_latents {str(s.cache_latents).lower()}",
+        f"gradient_checkpointing {str(s.gradient_checkpointing).lower()}, cache_latents {str(s.cache_latents).lower()}"
+        + (f", {s.processes} processes (figures per process)" + (", optimizer states sharded" if s.shard_states else "")
+           if s.processes > 1 else ""),
         "",
         f"| {'component':<18} | {'MB':>10} | note",
         f"|{'-' * 20}|{'-' * 12}|-----",
