@@ -333,8 +333,10 @@ def test_state_shares_follow_zero_partitioning():
 
     shapes = [(10,), (40,), (30,), (20,), (5, 2)]
     # 40 -> 0, 30 -> 1, 20 -> 1 (30 < 40), 10 -> 0 (40 < 50), (5, 2) -> 0 (50 = 50: the lowest rank)
-    assert state_shares("adamw", shapes, 2) == [8 * 60, 8 * 50]
-    assert state_shares("adamw", shapes, 1) == [8 * 110]
+    assert state_shares("adamw", [shapes], 2) == [8 * 60, 8 * 50]
+    assert state_shares("adamw", [shapes], 1) == [8 * 110]
+    # groups one after another, the counts carried over: (30,) -> 0, then (20,) -> 1, (15,) -> 1
+    assert state_shares("adamw", [[(30,)], [(15,), (20,)]], 2) == [8 * 30, 8 * 35]
 
 
 def test_plan_per_process_with_sharded_states():

@@ -239,12 +239,16 @@ def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, 
     return shapes, full
 
 
-def _state_component(s: Settings, shapes: list[tuple[int, ...]]) -> Component:
+def _state_component(s: Settings, shapes: dict[str, list[tuple[int, ...]]]) -> Component:
     if s.processes > 1 and s.shard_states:
-        shares = state_shares(s.optimizer, shapes, s.processes)
+        shares = state_shares(s.optimizer, list(shapes.values()), s.processes)
         return Component("optimizer states", max(shares), f"{s.optimizer}, sharded over {s.processes} processes "
                          f"(the largest share; at a checkpoint all {sum(shares) / MB:,.1f} MB gather in process 0's CPU memory)")
-    return Component("optimizer states", optimizer_state_bytes(s.optimizer, shapes), s.optimizer)
+    return Component("optimizer states", optimizer_state_bytes(s.optimizer, _flat(shapes)), s.optimizer)
+
+
+def _flat(shapes: dict[str, list[tuple[int, ...]]]) -> list[tuple[int, ...]]:
+    return [sh for v in shapes.values() for sh in v]
 
 
 def _count(shapes: list[tuple[int, ...]]) -> int:
@@ -291,7 +295,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     vae_fp32 = "vae" in resident and recipe.model.vae_dtype == "fp32" and frozen_b == 2
     frozen_bytes = frozen * frozen_b + (2 * param_count(sk.vae) if vae_fp32 else 0)
     fused = s.fused_backward
-    all_shapes = [sh for v in shapes.values() for sh in v]
+    all_shapes = _flat(shapes)
     largest = max((_count([sh]) for sh in all_shapes), default=0)
     components = [
         Component(
@@ -303,7 +307,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
             else "none on the device (cached components moved off it)",
         ),
         Component("trainable weights", trainable * 4, f"{trainable / 1e6:,.2f}M params, fp32"),
-        _state_component(s, all_shapes),
+        _state_component(s, shapes),
     ]
     if t.ema_decay > 0 and not s.ema_on_cpu:
         components.append(Component("EMA copy", trainable * 4, "fp32, train.ema_on_cpu = false"))
@@ -338,7 +342,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     step_note = f"{s.optimizer} step temporaries on {device}"
     if s.processes > 1:
         if s.shard_states:  # each process steps its own share
-            shares = state_shares(s.optimizer, all_shapes, s.processes)
+            shares = state_shares(s.optimizer, list(shapes.values()), s.processes)
             step_temp = step_temp * max(shares) // max(1, sum(shares))
         # tuner.train.distributed.sync_gradients averages the gradients bucket by bucket through a flat copy
         bucket = max(min(GRADIENT_BUCKET, trainable), largest) * 4
@@ -445,19 +449,18 @@ def plan_recipe(
     return plan_for(sk, recipe, settings_from_recipe(recipe, sk.family.resolution, processes), device=device)
 
 
-def state_shares(name: str, shapes: list[tuple[int, ...]], processes: int) -> list[int]:
-    """Optimizer state bytes each process keeps under ``optim.shard_states`` (torch's ZeroRedundancyOptimizer:
-    tensors largest first, each to the process holding the fewest values so far)."""
-    held, parts = [0] * processes, [[] for _ in range(processes)]
-    for shape in sorted(shapes, key=_count_one, reverse=True):
-        rank = held.index(min(held))
-        parts[rank].append(shape)
-        held[rank] += _count_one(shape)
+def state_shares(name: str, groups: list[list[tuple[int, ...]]], processes: int) -> list[int]:
+    """Optimizer state bytes each process keeps under ``optim.shard_states``, for the tensor shapes of each
+    parameter group (torch's ZeroRedundancyOptimizer: group by group, largest tensor first, each to the
+    process holding the fewest values so far, ties to the lowest rank)."""
+    held: list[int] = [0] * processes
+    parts: list[list[tuple[int, ...]]] = [[] for _ in range(processes)]
+    for group in groups:
+        for shape in sorted(group, key=lambda sh: _count([sh]), reverse=True):
+            rank = held.index(min(held))
+            parts[rank].append(shape)
+            held[rank] += _count([shape])
     return [optimizer_state_bytes(name, part) for part in parts]
-
-
-def _count_one(shape: tuple[int, ...]) -> int:
-    return _count([shape])
 
 
 # --- fitting a memory budget ------------------------------------------------------------------------------
