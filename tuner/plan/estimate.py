@@ -65,7 +65,8 @@ HOST_SECONDS_PER_LAYER_CALL = (120e-6, 210e-6)
 """Time per UNet layer call (a Linear, conv or norm in one pass) that no card removes: Python, kernel
 launches, the small memory-bound kernels. Fitted on an H100 (bench/gpu.py, 2026-11-28: SD1.5 512 px and
 SDXL 1024 px LoRA, batch 1, bf16, with and without checkpointing: 127-208 us), where the GPU was busy for
-about a third of the step; the same host time is assumed for every card."""
+at most a third of the step (0.08 s of kernel time per 0.26 s SD1.5 step); the same host time is assumed
+for every card."""
 HOST_SECONDS_PER_TENSOR_STEP = (150e-6, 300e-6)
 """Host time of an optimizer that steps tensor by tensor (Adafactor, or any optimizer under the fused
 backward), per trained tensor; AdamW's multi-tensor step is in the layer-call figure. Fitted on the same H100:
