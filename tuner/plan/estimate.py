@@ -28,8 +28,6 @@ import itertools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from torch import nn
-
 from tuner.config.schema import Recipe
 from tuner.errors import TunerError
 from tuner.plan.activations import (
@@ -240,11 +238,14 @@ def _trainable(sk: Skeleton, recipe: Recipe) -> tuple[dict[str, list[tuple[int, 
     return shapes, full
 
 
-def _state_component(s: Settings, shapes: dict[str, list[tuple[int, ...]]]) -> Component:
-    if s.processes > 1 and s.shard_states:
-        shares = state_shares(s.optimizer, list(shapes.values()), s.processes)
+def _state_component(
+    s: Settings, shapes: dict[str, list[tuple[int, ...]]], shares: list[int] | None
+) -> Component:
+    """The optimizer states; ``shares``: each process's bytes when they are sharded."""
+    if shares:
         return Component("optimizer states", max(shares), f"{s.optimizer}, sharded over {s.processes} processes "
-                         f"(the largest share; at a checkpoint all {sum(shares) / MB:,.1f} MB gather in process 0's CPU memory)")
+                         f"(the largest share; at a checkpoint all {sum(shares) / MB:,.1f} MB gather in process "
+                         "0's CPU memory)")
     return Component("optimizer states", optimizer_state_bytes(s.optimizer, _flat(shapes)), s.optimizer)
 
 
@@ -298,6 +299,8 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     fused = s.fused_backward
     all_shapes = _flat(shapes)
     largest = max((_count([sh]) for sh in all_shapes), default=0)
+    sharded = s.processes > 1 and s.shard_states
+    shares = state_shares(s.optimizer, list(shapes.values()), s.processes) if sharded else None
     components = [
         Component(
             "frozen weights",
@@ -308,7 +311,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
             else "none on the device (cached components moved off it)",
         ),
         Component("trainable weights", trainable * 4, f"{trainable / 1e6:,.2f}M params, fp32"),
-        _state_component(s, shapes),
+        _state_component(s, shapes, shares),
     ]
     if t.ema_decay > 0 and not s.ema_on_cpu:
         components.append(Component("EMA copy", trainable * 4, "fp32, train.ema_on_cpu = false"))
@@ -342,8 +345,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     step_temp = optimizer_step_bytes(s.optimizer, shapes, device=device, fused=fused)
     step_note = f"{s.optimizer} step temporaries on {device}"
     if s.processes > 1:
-        if s.shard_states:  # each process steps its own share
-            shares = state_shares(s.optimizer, list(shapes.values()), s.processes)
+        if shares:  # each process steps its own share
             step_temp = step_temp * max(shares) // max(1, sum(shares))
         # tuner.train.distributed.sync_gradients averages the gradients bucket by bucket through a flat copy
         bucket = max(min(GRADIENT_BUCKET, trainable), largest) * 4
@@ -401,7 +403,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
         trainable_params=trainable,
         frozen_params=frozen,
         step_flops=flops,
-        times=_times(flops, half, _host_seconds(sk.unet, s, len(all_shapes))),
+        times=_times(flops, half, _host_seconds(sk, s, len(all_shapes))),
     )
     if half and s.weight_dtype == "fp32":
         plan.notes.append(
@@ -411,16 +413,10 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     return plan
 
 
-def _layer_calls(unet: nn.Module, s: Settings) -> int:
-    """UNet layer calls in one step: its leaf modules (dropout aside) once forward, twice backward, once more
-    when checkpointing recomputes the forward pass."""
-    layers = sum(1 for m in unet.modules() if not next(m.children(), None) and not isinstance(m, nn.Dropout))
-    return layers * (4 if s.gradient_checkpointing else 3)
-
-
-def _host_seconds(unet: nn.Module, s: Settings, tensors: int) -> tuple[float, float]:
-    """The range of a step's host time: UNet layer calls, and an optimizer stepping tensor by tensor."""
-    calls = _layer_calls(unet, s) * s.gradient_accumulation
+def _host_seconds(sk: Skeleton, s: Settings, tensors: int) -> tuple[float, float]:
+    """The range of a step's host time: UNet layer calls (each layer once forward, twice backward, once more
+    when checkpointing recomputes the forward pass), and an optimizer stepping tensor by tensor."""
+    calls = sk.unet_layers * (4 if s.gradient_checkpointing else 3) * s.gradient_accumulation
     per_tensor = tensors if s.optimizer == "adafactor" or s.fused_backward else 0
     lo, hi = (calls * a + per_tensor * b for a, b in zip(HOST_SECONDS_PER_LAYER_CALL, HOST_SECONDS_PER_TENSOR_STEP))
     return lo, hi
@@ -649,7 +645,10 @@ def format_plan(plan: Plan) -> str:
         f"time per step: FLOPs at {UTILISATION[0]:.0%}-{UTILISATION[1]:.0%} of peak "
         f"{'bf16/fp16 tensor-core' if s.mixed_precision != 'no' else 'fp32'} FLOPS (spec sheets) + "
         f"{HOST_SECONDS_PER_LAYER_CALL[0] * 1e6:.0f}-{HOST_SECONDS_PER_LAYER_CALL[1] * 1e6:.0f} us of host time "
-        "per UNet layer call (fitted on an H100 with bench/gpu.py; other cards not measured):",
+        f"per UNet layer call"
+        + (f" and {HOST_SECONDS_PER_TENSOR_STEP[0] * 1e6:.0f}-{HOST_SECONDS_PER_TENSOR_STEP[1] * 1e6:.0f} us per "
+           "trained tensor (a tensor-by-tensor optimizer step)" if s.optimizer == "adafactor" or s.fused_backward else "")
+        + " (fitted on an H100 with bench/gpu.py; other cards not measured):",
     ]
     for row in plan.times:
         lines.append(f"  {row['device']:<16} {row['seconds_min']:.3g}-{row['seconds_max']:.3g} s")

@@ -8,6 +8,7 @@ family's shipped configs; the file's header alone says the family).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,12 @@ class Skeleton:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @functools.cached_property
+    def unet_layers(self) -> int:
+        """The UNet's leaf modules that do work (dropout aside): one call each per pass. Counted once: the
+        planner asks for every settings variant it tries."""
+        return sum(1 for m in self.unet.modules() if not next(m.children(), None) and not isinstance(m, nn.Dropout))
 
 
 def _tiny_configs() -> dict[str, dict[str, Any]]:
