@@ -375,7 +375,6 @@ def _add_sampling_options(p: argparse.ArgumentParser, batch_size: int) -> None:
                         "up to float rounding); more is faster on GPUs and small models, 1 keeps memory flat")
 
 
-
 def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     """The recipe file, ``--set`` and the convenience options (CLI_SHORTCUTS), shared by train and validate."""
     p.add_argument("recipe", help="recipe file (.toml or .yaml), e.g. recipes/tiny/sks_star_lora.toml")
