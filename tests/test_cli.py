@@ -400,6 +400,7 @@ def sampled(trained_run, tmp_path_factory) -> Sampled:
         "unmerged": ["--lora", f"{lora}:0.5", "--no-merge"],
         "peft": ["--lora", f"{peft}:0.5"],
         "full": ["--lora", lora],  # no scale: 1
+        "batched": ["--lora", f"{lora}:0.5", "--batch-size", "2"],
     }
     dirs = {name: root / name for name in variants}
     results = {}
@@ -433,6 +434,16 @@ def test_sample_writes_pngs_with_a1111_parameters(sampled):
         assert first == f"{PROMPT} <lora:t:0.5>"
         for field in ("Steps: 3", "Sampler: DDIM", f"Seed: {seed}", "Size: 64x64", f'Lora hashes: "t: {short_hash}"'):
             assert field in last, params
+
+
+def test_sample_batch_size_draws_the_same_images(sampled):
+    """--batch-size 2 denoises both seeds together: the same files, the same pixels within one level."""
+    one, two = sampled.dirs["merged"], sampled.dirs["batched"]
+    assert sampled.results["batched"].rc == 0, sampled.results["batched"].text
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for seed in (3, 4):
+        a, b = (np.asarray(Image.open(d / f"sample_{seed}.png"), dtype=int) for d in (one, two))
+        assert np.abs(a - b).max() <= 1
 
 
 def test_lora_changes_the_images_and_unmerged_matches_merged(sampled):
@@ -471,6 +482,7 @@ def test_sample_missing_lora_file(tmp_path):
         ("--size", "64by64", "WIDTHxHEIGHT"),
         ("--steps", "0", "--steps 0"),  # was a ZeroDivisionError traceback
         ("-n", "0", "-n 0"),  # was exit 0 with nothing written
+        ("--batch-size", "0", "--batch-size"),
     ],
 )
 def test_sample_bad_option_is_a_clean_error(tmp_path, option, value, expected):

@@ -251,6 +251,7 @@ def test_scalar_where_a_table_belongs(tmp_path):
 # --- semantic rules ------------------------------------------------------------------------------------
 
 SEMANTIC_CASES = [
+    ("prior.batch_size=0", "prior.batch_size = 0: expected >= 1"),
     ("adapter.rank=0", "adapter.rank = 0: expected >= 1"),
     ("adapter.alpha=0", "adapter.alpha = 0.0: expected > 0"),
     ("adapter.conv_rank=0", "adapter.conv_rank = 0: expected >= 1"),
