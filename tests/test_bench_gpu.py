@@ -3,6 +3,7 @@ the table beside the published anchors; the full-size run needs a GPU and is not
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -55,3 +56,25 @@ def test_table_ratios_only_for_full_size():
     line = gpu.format_table([row]).splitlines()[-1]
     assert "| 0.76 | 0.66 |" in line  # 1.5 / 1.98 GiB, 0.2 / 0.305 s
     assert "| - | - |" in gpu.format_table([{**row, "tiny": True}]).splitlines()[-1]
+    # a --features row changes the job: no ratio against the anchor, and its change is named
+    feature = gpu.format_table([{**row, "label": "channels_last"}]).splitlines()[-1]
+    assert "| channels_last |" in feature and "| 1.98 |" not in feature and "0.76" not in feature
+
+
+def test_feature_and_breakdown_jobs_and_breakdown_table():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    jobs = gpu._jobs(argparse.Namespace(skip_base=True, only=None, features=True, breakdown=True))
+    assert [j[4] for j in jobs] == [label for label, _ in gpu.FEATURES] + ["breakdown"]
+    assert all(j[:3] == ("sd15", 512, True) for j in jobs) and jobs[-1][5] is True
+    row = {"family": "sd15", "resolution": 512, "gradient_checkpointing": True, "breakdown_peak_gib": 1.9,
+           "breakdown_gib": {"frozen weights": 1.6, "activations": 0.25},
+           "plan_components_gib": {"frozen weights": 1.6, "workspace": 0.09},
+           "profile": {"steps": 3, "wall_s": 0.8, "busy_s": 0.24, "ops": 1000, "top": [("aten::mm", 0.1, 30)]}}
+    text = gpu.format_breakdown(row)
+    assert "| frozen weights | 1.600 | 1.600 |" in text
+    assert "| activations | 0.250 | - |" in text and "| workspace | - | 0.090 |" in text
+    assert "device busy 0.240 s (30%)" in text and "aten::mm" in text
