@@ -60,6 +60,9 @@ def test_pretrain_command_smoke(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "settings.json").read_text())["fg_weight"] == 4.0 and "--fg-weight 4" in card
     assert "under the object weighted 5x" in card
     assert json.loads((tmp_path / "settings.json").read_text())["color_drop"] == 0.3 and "--color-drop 0.3" in card
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["vae_augment"] == 0.5 and settings["vae_fg_weight"] == 4.0  # the command's defaults
+    assert "object pixels weighted 5x" in card and "50% of its images world geometry in free colours" in card
 
 
 def test_decoder_stage_keeps_the_latent_space(tmp_path):
@@ -87,6 +90,30 @@ def test_codec_augment_draws_world_geometry_in_free_colours():
     assert x.shape == (8, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
     pixels = ((x.permute(0, 2, 3, 1).reshape(-1, 3) + 1) * 127.5).round().unique(dim=0)
     assert len(pixels) > 16  # not the eight palette colours
+    same, masks = codec_augment(np.random.default_rng(0), 8, with_masks=True)
+    assert torch.equal(same, x) and masks.shape == (8, 1, 64, 64) and masks.dtype == torch.bool
+    for image, mask in zip(x, masks[:, 0]):  # the mask is exactly the pixels not in the background colour
+        differs = (image != image[:, :1, :1]).any(dim=0)
+        assert torch.equal(differs, mask), (differs ^ mask).sum()
+
+
+def test_vae_reconstruction_loss_weights_the_object():
+    """``--vae-fg-weight``: an error on an object pixel (or one pixel beside it) costs 1 + W times an error on
+    the background; W = 0 is the plain MSE + 0.5 L1 mean."""
+    import torch.nn.functional as F
+
+    from tuner.tiny.pretrain import reconstruction_loss
+
+    x = torch.zeros(1, 3, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[0, 0, 2:4, 2:4] = True
+    on, edge, off = x.clone(), x.clone(), x.clone()
+    on[0, :, 2, 2], edge[0, :, 1, 2], off[0, :, 7, 7] = 1.0, 1.0, 1.0
+    for recon in (on, off):
+        plain = reconstruction_loss(recon, x, mask, 0.0)
+        assert torch.allclose(plain, F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x))
+    w_on, w_edge, w_off = (reconstruction_loss(r, x, mask, 4.0) for r in (on, edge, off))
+    assert torch.allclose(w_on, 5 * w_off) and torch.allclose(w_edge, w_on)
 
 
 def test_object_weights_cover_the_object_in_latent_space():
@@ -125,3 +152,37 @@ def test_weighted_diffusion_loss():
     w[:, :, 0, 0] = 5.0  # the erring pixel weighs 5: 5*4 / (5 + 15)
     weighted = diffusion_loss(pred, target, t, sched, prediction_type="epsilon", weight=w)
     assert torch.allclose(weighted, torch.full((2,), 20.0 / 20))
+
+
+def test_two_processes_pretrain_like_one(tmp_path):
+    """``--processes 2`` splits every batch over two gloo processes: after 2 VAE and 2 UNet steps the weights
+    and losses equal one process's up to float rounding, and only the launching process writes the card."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from tuner.models.tiny import VAE_CONFIG
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--steps", "2", "--vae-steps", "2", "--batch-size", "4", "--scene-limit", "16", "--eval-n", "2"]
+    assert main(["pretrain-tiny", "--out", str(one), *common]) == 0
+    assert main(["pretrain-tiny", "--out", str(two), "--processes", "2", *common]) == 0
+    weights = {}
+    for part in ("vae", "unet", "text_encoder"):
+        (a,), (b,) = (list((root / "final" / part).glob("*.safetensors")) for root in (one, two))
+        weights[part] = load_file(a), load_file(b)
+        assert weights[part][0].keys() == weights[part][1].keys()
+        # Adam's first steps move every weight by about +-lr; a weight whose gradient is float noise (a conv
+        # bias before a GroupNorm) may go either way in either run: at most 2 x (sum of the two steps' lr).
+        atol = 2 * (2e-3 / 100 * 3) if part == "vae" else 2 * (1e-3 / 200 * 3)
+        for key, tensor in weights[part][0].items():
+            torch.testing.assert_close(weights[part][1][key], tensor, rtol=0, atol=atol, msg=f"{part}: {key}")
+    # The VAE's two steps moved it: the two runs moved it the same way. Half-batch gradients without the
+    # average would give different Adam steps for most weights.
+    torch.manual_seed(0)  # the VAE's initialisation in pretraining
+    init = AutoencoderKL(**VAE_CONFIG).state_dict()
+    d1, d2 = (torch.cat([(w[k] - init[k]).flatten() for k in init]) for w in weights["vae"])
+    assert d1.norm() > 0 and (d2 - d1).norm() < 0.02 * d1.norm()
+    losses = [json.loads((root / "history.json").read_text())["loss"] for root in (one, two)]
+    assert len(losses[1]) == 2 and all(abs(x - y) < 1e-5 for x, y in zip(*losses))
+    card = (two / "final" / "MODEL_CARD.md").read_text()
+    assert "--processes 2" in card and json.loads((two / "wall_minutes.json").read_text())

@@ -336,28 +336,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     import time
 
-    from tuner.models.base import TINY_ASSETS
-    from tuner.tiny.card import evaluate_and_install
-    from tuner.tiny.pretrain import PretrainSettings, pretrain_tiny, wall_minutes
+    from tuner.train.launch import launched_processes, relaunch
 
-    settings = PretrainSettings(
+    started = time.perf_counter()
+    if args.processes > 1 and launched_processes() == 1:
+        if args.batch_size % args.processes:
+            raise TunerError(f"--batch-size {args.batch_size} does not split over --processes {args.processes}: "
+                             "use a multiple")
+        code = relaunch(args.argv, args.processes)  # the workers train; this process judges and installs
+        return code or _finish_pretrain(args, started)
+    from tuner.tiny.pretrain import pretrain_tiny
+
+    final = pretrain_tiny(args.out, _pretrain_settings(args))
+    if launched_processes() > 1:
+        return 0  # a worker: the launching process writes the card
+    return _finish_pretrain(args, started) if final is not None else _paused(args)
+
+
+def _paused(args: argparse.Namespace) -> int:
+    print(f"paused by --time-limit; run the same command again to continue from {args.out}")
+    return 0
+
+
+def _pretrain_settings(args: argparse.Namespace):
+    from tuner.tiny.pretrain import PretrainSettings
+
+    return PretrainSettings(
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch_size,
         decoder_steps=args.decoder_steps, fg_weight=args.fg_weight, color_drop=args.color_drop,
-        time_limit_min=args.time_limit, share_cpu=args.share_cpu,
+        vae_augment=args.vae_augment, vae_fg_weight=args.vae_fg_weight,
+        time_limit_min=args.time_limit, share_cpu=args.share_cpu, scene_limit=args.scene_limit,
     )
-    started = time.perf_counter()
-    final = pretrain_tiny(args.out, settings)
-    if final is None:
-        print(f"paused by --time-limit; run the same command again to continue from {args.out}")
-        return 0
+
+
+def _finish_pretrain(args: argparse.Namespace, started: float) -> int:
+    """Judge a finished pretraining, write its model card and (``--install``) install it."""
+    import time
     from dataclasses import asdict
 
+    from tuner.models.base import TINY_ASSETS
+    from tuner.tiny.card import evaluate_and_install
+    from tuner.tiny.pretrain import wall_minutes
+
+    final = Path(args.out) / "final"
+    if not (final / "model_index.json").exists():
+        return _paused(args)
+    settings = _pretrain_settings(args)
     evaluate_and_install(
         final, settings=asdict(settings), minutes=wall_minutes(args.out) or (time.perf_counter() - started) / 60,
         command=(f"tuner pretrain-tiny --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} "
                  f"--decoder-steps {args.decoder_steps} --fg-weight {args.fg_weight:g} --color-drop {args.color_drop:g} "
+                 f"--vae-augment {args.vae_augment:g} --vae-fg-weight {args.vae_fg_weight:g} "
                  f"--batch-size {args.batch_size} "
-                 f"--seed {args.seed}" + (" --install" if args.install else "")),
+                 + (f"--processes {args.processes} " if args.processes > 1 else "")
+                 + f"--seed {args.seed}" + (" --install" if args.install else "")),
         assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
     )
     return 0
@@ -552,12 +584,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color-drop", type=float, default=0.2, metavar="P",
                    help="leave the colour word out of this share of captions, so that class prompts without a "
                         "colour ('a star on a blue background') work; 0 = WORLD.md's captions only")
+    p.add_argument("--vae-augment", type=float, default=0.5, metavar="P",
+                   help="share of each VAE batch drawn as world geometry in free colours with nested shapes, so "
+                        "the codec keeps what personalization adds (a small white centre, an off-palette "
+                        "colour); 0 = world scenes only")
+    p.add_argument("--vae-fg-weight", type=float, default=4.0, metavar="W",
+                   help="VAE reconstruction weight 1 + W on object pixels (small objects' detail); 0 = plain mean")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MIN",
                    help="pause (with a checkpoint) after MIN minutes; rerun to continue")
     p.add_argument("--share-cpu", action="store_true", help="use one thread while other processes run")
+    p.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (one thread each on CPU), each training "
+                        "1/N of every batch; the result is the same training up to float rounding")
     p.add_argument("--eval-n", type=int, default=200, help="prompts judged for the model card")
+    p.add_argument("--scene-limit", type=int, default=0, metavar="N",
+                   help="train on only N of the world's distinct scenes (smoke tests); 0 = all")
     p.add_argument("--install", action="store_true", help="install the result as the embedded tiny base")
     p.set_defaults(func=cmd_pretrain_tiny)
 

@@ -68,7 +68,12 @@ def write_card(
         "## Training",
         f"- command: `{command}`",
         f"- settings: `{json.dumps(settings, sort_keys=True)}`",
-        "- objective: the VAE on reconstruction (MSE + 0.5 L1) and a small KL term; then the text encoder and",
+        "- objective: the VAE on reconstruction (MSE + 0.5 L1"
+        + (f", object pixels weighted {1 + vfg:g}x" if (vfg := settings.get("vae_fg_weight")) else "")
+        + ") and a small KL term"
+        + (f", {100 * aug:g}% of its images world geometry in free colours with nested shapes"
+           if (aug := settings.get("vae_augment")) else "")
+        + "; then the text encoder and",
         "  UNet on v-prediction over a zero-terminal-SNR scaled-linear schedule (the noisiest step holds no",
         "  signal, so the layout must come from the prompt), "
         + (f"MSE with latent pixels under the object weighted {1 + fg:g}x" if (fg := settings.get("fg_weight"))

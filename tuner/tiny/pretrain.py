@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ from tqdm.auto import tqdm
 
 from tuner.formats.io import write_text_atomic
 from tuner.tiny import world
+from tuner.train.distributed import Shard, broadcast_parameters, step_totals, sync_gradients
+
+CPU = torch.device("cpu")
 
 STATE_VAE = "vae_state.pt"
 STATE_UNET = "unet_state.pt"
@@ -47,6 +51,13 @@ class PretrainSettings:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
+    vae_augment: float = 0.0
+    """Share of each VAE batch drawn by :func:`codec_augment` (world geometry in free colours, with nested
+    shapes) instead of world scenes: a codec that only ever saw the palette's eight colours and single
+    shapes loses what personalization adds (the sks subject's small white centre, ``<pink>``)."""
+    vae_fg_weight: float = 0.0
+    """Extra reconstruction weight on object pixels (mask dilated by one pixel): each weighs
+    ``1 + vae_fg_weight``. A small object is 2-8% of an image; with a plain mean its detail barely counts."""
     steps: int = 5000
     batch: int = 64
     lr: float = 1e-3
@@ -174,15 +185,33 @@ class _Clock:
         return time.monotonic() > self.deadline
 
 
-def _step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, step: int, bar) -> int:
-    """One optimizer step on ``loss`` (gradients clipped to norm 1); returns the new step count."""
+def local_shard() -> Shard:
+    """This process's place in a data-parallel pretraining (``tuner pretrain-tiny --processes N`` starts the
+    processes with ``torch.distributed.run``; the gloo process group is created here on first use)."""
+    import torch.distributed as dist
+
+    from tuner.train.launch import launched_processes
+
+    world = launched_processes()
+    if world == 1:
+        return Shard()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Shard(rank=dist.get_rank(), world=world)
+
+
+def _step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, step: int, shard: Shard,
+          clock: _Clock) -> tuple[int, float, bool]:
+    """One optimizer step on ``loss``, this process's mean over its rows of the batch (gradients averaged over
+    the processes, then clipped to norm 1). Returns the new step count, the batch's loss and whether to pause
+    here: one decision for every process (the main process's clock)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    sync_gradients(params, shard.world, CPU)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.update()
-    return step + 1
+    value, stop = step_totals(loss.item(), shard.is_main and clock.out(), shard.world, CPU)
+    return step + 1, value, stop
 
 
 def _resume(path: Path, model, opt, rng, log, stage: str) -> int:
@@ -203,20 +232,34 @@ def _latent_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([d.mean for d in moments]), torch.cat([d.std for d in moments])
 
 
-def _checkpoint(path: Path, model, opt, rng, step: int, total: int, s: PretrainSettings, clock: _Clock, bar, log,
-                stage: str) -> bool:
-    """Save the stage's state when due; True when the time limit pauses the stage here."""
-    if step % s.checkpoint_every == 0 or step == total or clock.out():
-        _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
-                     "step": step})
-        if clock.out() and step < total:
+def _checkpoint(path: Path, model, opt, rng, step: int, total: int, s: PretrainSettings, stop: bool, shard: Shard,
+                bar, log, stage: str) -> bool:
+    """Save the stage's state when due (the main process writes); True when the time limit pauses it here."""
+    if step % s.checkpoint_every == 0 or step == total or stop:
+        if shard.is_main:
+            _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": rng.bit_generator.state, "step": step})
+        if stop and step < total:
             bar.close()
             log(f"{stage}: time limit reached at step {step}; run again to continue")
             return True
     return False
 
 
-def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: _Clock, log=print):
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """MSE + 0.5 L1 per pixel, averaged per image with pixels under the (one-pixel dilated) object ``mask``
+    (``[N, 1, H, W]`` bool) weighing ``1 + fg_weight``, then over images (so that the mean over any split of
+    the batch is the mean of the parts'); with ``fg_weight = 0`` the plain mean."""
+    err = (recon - x).pow(2) + 0.5 * (recon - x).abs()
+    if fg_weight <= 0:
+        return err.mean()
+    weight = 1.0 + fg_weight * F.max_pool2d(mask.float(), 3, stride=1, padding=1)
+    per_image = (err * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * x.shape[1])
+    return per_image.mean()
+
+
+def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: _Clock, log=print,
+              shard: Shard = Shard()):
     """Stage 1. Returns the trained VAE, or None when the time limit stopped it (checkpoint saved)."""
     from diffusers import AutoencoderKL
 
@@ -227,37 +270,50 @@ def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: 
         return AutoencoderKL.from_pretrained(final, local_files_only=True)
     torch.manual_seed(s.seed)
     vae = AutoencoderKL(**VAE_CONFIG)
+    broadcast_parameters(list(vae.parameters()), shard.world)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(s.seed)
     step = _resume(out / STATE_VAE, vae, opt, rng, log, "VAE")
     pixels = _pixels(scenes)
+    masks = torch.from_numpy(np.stack([world.scene_mask(sc) for sc in scenes]))[:, None]
+    n_aug = round(s.vae_batch * s.vae_augment)
     gen = torch.Generator().manual_seed(s.seed + step)
-    bar = tqdm(total=s.vae_steps, initial=step, desc="VAE", unit="step", dynamic_ncols=True)
+    rows = shard.rows((s.vae_batch // shard.world,))
+    bar = tqdm(total=s.vae_steps, initial=step, desc="VAE", unit="step", dynamic_ncols=True, disable=not shard.is_main)
     threads = torch.get_num_threads()
     while step < s.vae_steps:
         if s.share_cpu and step % 5 == 0:
             fair_threads(threads)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s.vae_lr, 100, s.vae_steps)
-        x = pixels[torch.from_numpy(rng.integers(0, len(pixels), s.vae_batch))]
+        idx = torch.from_numpy(rng.integers(0, len(pixels), s.vae_batch - n_aug))
+        x, mask = pixels[idx], masks[idx]
+        if n_aug:
+            extra, extra_mask = codec_augment(rng, n_aug, with_masks=True)
+            x, mask = torch.cat([x, extra]), torch.cat([mask, extra_mask])
+        x, mask = x[rows], mask[rows]  # the whole batch is drawn on every process; each trains its rows
         dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        z = dist.mean + dist.std * shard.randn(dist.mean.shape, gen)
         recon = vae.decode(z).sample
         kl = dist.kl().mean() / x[0].numel()
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + s.vae_kl_weight * kl
-        step = _step(opt, list(vae.parameters()), loss, step, bar)
-        if _checkpoint(out / STATE_VAE, vae, opt, rng, step, s.vae_steps, s, clock, bar, log, "VAE"):
+        loss = reconstruction_loss(recon, x, mask, s.vae_fg_weight) + s.vae_kl_weight * kl
+        step, value, stop = _step(opt, list(vae.parameters()), loss, step, shard, clock)
+        bar.set_postfix(loss=f"{value:.4f}")
+        bar.update()
+        if _checkpoint(out / STATE_VAE, vae, opt, rng, step, s.vae_steps, s, stop, shard, bar, log, "VAE"):
             return None
     bar.close()
     with torch.no_grad():
         lat = _latent_moments(vae, pixels)[0]
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
-    vae.save_pretrained(final)
+    if shard.is_main:
+        vae.save_pretrained(final)
     log(f"VAE: done, scaling factor {vae.config.scaling_factor:.4f}")
     return vae
 
 
-def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], vae, clock: _Clock, log=print):
+def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], vae, clock: _Clock, log=print,
+                   shard: Shard = Shard()):
     """Stage 2: text encoder + UNet. Returns (unet_ema, text_encoder_ema, history) or None when paused."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -271,8 +327,9 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     unet = UNet2DConditionModel(**UNET_CONFIG)
     te = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id,
                                                             tokenizer.eos_token_id)))
-    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     params = list(unet.parameters()) + list(te.parameters())
+    broadcast_parameters(params, shard.world)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01)
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     rng = np.random.default_rng(s.seed + 2)
@@ -294,7 +351,8 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     scale = float(vae.config.scaling_factor)
     unet.train()
     te.train()
-    bar = tqdm(total=s.steps, initial=step, desc="UNet+TE", unit="step", dynamic_ncols=True)
+    rows = shard.rows((s.batch // shard.world,))
+    bar = tqdm(total=s.steps, initial=step, desc="UNet+TE", unit="step", dynamic_ncols=True, disable=not shard.is_main)
     threads = torch.get_num_threads()
     while step < s.steps:
         if s.share_cpu and step % 5 == 0:
@@ -302,37 +360,36 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s.lr, s.warmup, s.steps)
+        # The whole batch's draws happen on every process (cheap); each runs the models on its rows.
         idx = rng.integers(0, len(scenes), s.batch)
         captions = draw_captions(rng, [scenes[i] for i in idx], s)
         t_idx = torch.from_numpy(idx)
         latents = (mean[t_idx] + std[t_idx] * torch.randn(mean[t_idx].shape, generator=gen)) * scale
         noisy, noise, timesteps = add_noise(latents, sched, gen)
-        embeds = te(tokenize(tokenizer, captions))[0]
-        pred = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
         target = target_for(sched.config.prediction_type, latents, noise, timesteps, sched)
+        noisy, target, timesteps, t_idx = noisy[rows], target[rows], timesteps[rows], t_idx[rows]
+        embeds = te(tokenize(tokenizer, [captions[i] for i in rows.tolist()]))[0]
+        pred = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
         loss = diffusion_loss(pred, target, timesteps, sched, prediction_type=sched.config.prediction_type,
                               min_snr_gamma=s.min_snr_gamma,
                               weight=None if weights is None else weights[t_idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
+        step, value, stop = _step(opt, params, loss, step, shard, clock)
         decay = min(s.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for model, ema in ((unet, ema_unet), (te, ema_te)):
                 for p, e in zip(model.parameters(), ema.parameters()):
                     e.lerp_(p, 1 - decay)
-        history["loss"].append(loss.item())
+        history["loss"].append(value)
         bar.set_postfix(loss=f"{np.mean(history['loss'][-50:]):.4f}")
         bar.update()
-        if step % s.checkpoint_every == 0 or step == s.steps or clock.out():
-            _save(out / STATE_UNET, {
-                "unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
-                "ema_te": ema_te.state_dict(), "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
-                "step": step, "history": history,
-            })
-            if clock.out() and step < s.steps:
+        if step % s.checkpoint_every == 0 or step == s.steps or stop:
+            if shard.is_main:
+                _save(out / STATE_UNET, {
+                    "unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
+                    "ema_te": ema_te.state_dict(), "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
+                    "step": step, "history": history,
+                })
+            if stop and step < s.steps:
                 bar.close()
                 log(f"UNet: time limit reached at step {step}; run again to continue")
                 return None
@@ -340,10 +397,11 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     return ema_unet.eval(), ema_te.eval(), history
 
 
-def codec_augment(rng: np.random.Generator, n: int) -> torch.Tensor:
-    """``n`` images of the world's geometry in arbitrary colours, ``[n, 3, 64, 64]`` in [-1, 1].
+def codec_augment(rng: np.random.Generator, n: int, *, with_masks: bool = False):
+    """``n`` images of the world's geometry in arbitrary colours, ``[n, 3, 64, 64]`` in [-1, 1] (and with
+    ``with_masks``, their object masks ``[n, 1, 64, 64]`` bool: both shapes).
 
-    The decoder stage trains on these beside the world's own scenes so that the VAE is a general codec
+    The VAE (``vae_augment``) and the decoder stage train on these beside the world's own scenes so that the VAE is a general codec
     and not a quantiser to the eight palette colours: a decoder that only ever saw the palette snaps a
     colour it never saw (``<pink>``) to the nearest palette entry, whatever the UNet learns. Each image:
     one of the world's shapes (never the personalization concepts) at a random size and centre, random
@@ -351,6 +409,7 @@ def codec_augment(rng: np.random.Generator, n: int) -> torch.Tensor:
     shape in a third colour drawn over it (nested colour regions). The denoiser never sees these images.
     """
     out = np.empty((n, world.CANVAS, world.CANVAS, 3), dtype=np.float32)
+    masks = np.zeros((n, world.CANVAS, world.CANVAS), dtype=bool)
 
     def colour(avoid: list[np.ndarray]) -> np.ndarray:
         while True:
@@ -364,17 +423,22 @@ def codec_augment(rng: np.random.Generator, n: int) -> torch.Tensor:
         img = np.broadcast_to(bg, out.shape[1:]).copy()
         size = int(rng.integers(12, 41))
         cx, cy = int(rng.integers(14, 51)), int(rng.integers(20, 45))
-        img[world.shape_mask(str(rng.choice(world.SHAPES)), size, cx, cy)] = fg
+        masks[i] = world.shape_mask(str(rng.choice(world.SHAPES)), size, cx, cy)
+        img[masks[i]] = fg
         if rng.random() < 0.5:
             third = colour([bg, fg])
             small = int(rng.integers(4, max(5, size // 2)))
             ox, oy = cx + int(rng.integers(-size // 3, size // 3 + 1)), cy + int(rng.integers(-size // 3, size // 3 + 1))
-            img[world.shape_mask(str(rng.choice(world.SHAPES)), small, ox, oy)] = third
+            inner = world.shape_mask(str(rng.choice(world.SHAPES)), small, ox, oy)
+            img[inner] = third
+            masks[i] |= inner
         out[i] = img
-    return torch.from_numpy(out / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+    x = torch.from_numpy(out / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+    return (x, torch.from_numpy(masks)[:, None]) if with_masks else x
 
 
-def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], vae, clock: _Clock, log=print):
+def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], vae, clock: _Clock, log=print,
+                     shard: Shard = Shard()):
     """Stage 3: train only ``vae.decoder`` (and ``post_quant_conv``) on latents drawn from the frozen encoder.
 
     The encoder, and so the latent space the UNet was trained in, is untouched: this is the same move as
@@ -398,7 +462,10 @@ def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], 
         mean, std = _latent_moments(vae, pixels)
     gen = torch.Generator().manual_seed(s.seed + 4 + step)
     vae.decoder.train()
-    bar = tqdm(total=s.decoder_steps, initial=step, desc="decoder", unit="step", dynamic_ncols=True)
+    value = float("nan")
+    rows = shard.rows((s.decoder_batch // shard.world,))
+    bar = tqdm(total=s.decoder_steps, initial=step, desc="decoder", unit="step", dynamic_ncols=True,
+               disable=not shard.is_main)
     threads = torch.get_num_threads()
     while step < s.decoder_steps:
         if s.share_cpu and step % 5 == 0:
@@ -411,17 +478,20 @@ def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], 
         with torch.no_grad():
             dist = vae.encode(extra).latent_dist
         z_mean, z_std = torch.cat([mean[idx], dist.mean]), torch.cat([std[idx], dist.std])
-        z = z_mean + z_std * torch.randn(z_mean.shape, generator=gen)
+        z = (z_mean + z_std * torch.randn(z_mean.shape, generator=gen))[rows]
         recon = vae.decode(z).sample
-        x = torch.cat([pixels[idx], extra])
+        x = torch.cat([pixels[idx], extra])[rows]
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        step = _step(opt, trainable, loss, step, bar)
-        if _checkpoint(out / STATE_DECODER, vae, opt, rng, step, s.decoder_steps, s, clock, bar, log, "decoder"):
+        step, value, stop = _step(opt, trainable, loss, step, shard, clock)
+        bar.set_postfix(loss=f"{value:.4f}")
+        bar.update()
+        if _checkpoint(out / STATE_DECODER, vae, opt, rng, step, s.decoder_steps, s, stop, shard, bar, log, "decoder"):
             return None
     bar.close()
     vae.requires_grad_(False).eval()
-    vae.save_pretrained(done)
-    log(f"decoder: done after {step} steps (last loss {loss.item():.4f})")
+    if shard.is_main:
+        vae.save_pretrained(done)
+    log(f"decoder: done after {step} steps (last loss {value:.4f})")
     return vae
 
 
@@ -434,34 +504,45 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
 
     s = settings or PretrainSettings()
     out = Path(out)
+    final = out / "final"
+    shard = local_shard()
+    for name, batch in (("vae_batch", s.vae_batch), ("batch", s.batch), ("decoder_batch", s.decoder_batch)):
+        if batch % shard.world:
+            raise ValueError(f"{name} = {batch} does not split over {shard.world} processes: use a multiple of "
+                             f"{shard.world}")
+    if not shard.is_main:
+        log = _quiet
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "settings.json", json.dumps(asdict(s), indent=2))
+    if shard.is_main:
+        write_text_atomic(out / "settings.json", json.dumps(asdict(s), indent=2))
+        if final.exists():  # a finished run continued to more steps: its old result must not be taken as new
+            shutil.rmtree(final)
     clock = _Clock(s.time_limit_min)
     started = time.perf_counter()
     scenes = pretrain_scenes()
     if s.scene_limit:
         scenes = scenes[:: max(1, len(scenes) // s.scene_limit)][: s.scene_limit]
-    log(f"pretraining on {len(scenes)} distinct scenes of the world's pretraining split")
-    vae = train_vae(out, s, scenes, clock, log)
+    log(f"pretraining on {len(scenes)} distinct scenes of the world's pretraining split"
+        + (f", {shard.world} processes" if shard.world > 1 else ""))
+
+    def paused() -> None:
+        if shard.is_main:
+            add_wall_minutes(out, (time.perf_counter() - started) / 60)
+
+    vae = train_vae(out, s, scenes, clock, log, shard)
     if vae is None:
-        add_wall_minutes(out, (time.perf_counter() - started) / 60)
-        return None
+        return paused()
     vae.requires_grad_(False).eval()
-    result = train_denoiser(out, s, scenes, vae, clock, log)
+    result = train_denoiser(out, s, scenes, vae, clock, log, shard)
     if result is None:
-        add_wall_minutes(out, (time.perf_counter() - started) / 60)
-        return None
+        return paused()
     unet, te, history = result
     if s.decoder_steps > 0:
-        vae = finetune_decoder(out, s, scenes, vae, clock, log)
+        vae = finetune_decoder(out, s, scenes, vae, clock, log, shard)
         if vae is None:
-            add_wall_minutes(out, (time.perf_counter() - started) / 60)
-            return None
-    final = out / "final"
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
+            return paused()
+    if not shard.is_main:
+        return final  # the main process writes it
     base = BaseModel(family=TINY, unet=unet, vae=vae, text_encoder=te, tokenizer=build_tokenizer(),
                      scheduler_config=dict(SCHEDULER_CONFIG), source=str(final))
     export_base(base, final)
@@ -473,6 +554,10 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
 
 
 WALL_FILE = "wall_minutes.json"
+
+
+def _quiet(*_args) -> None:
+    """The log of processes other than the main one."""
 
 
 def add_wall_minutes(out: Path, minutes: float) -> float:
