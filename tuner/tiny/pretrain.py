@@ -401,9 +401,10 @@ def codec_augment(rng: np.random.Generator, n: int, *, with_masks: bool = False)
     """``n`` images of the world's geometry in arbitrary colours, ``[n, 3, 64, 64]`` in [-1, 1] (and with
     ``with_masks``, their object masks ``[n, 1, 64, 64]`` bool: both shapes).
 
-    The VAE (``vae_augment``) and the decoder stage train on these beside the world's own scenes so that the VAE is a general codec
-    and not a quantiser to the eight palette colours: a decoder that only ever saw the palette snaps a
-    colour it never saw (``<pink>``) to the nearest palette entry, whatever the UNet learns. Each image:
+    The VAE (``vae_augment``) and the decoder stage train on these beside the world's own scenes so that the
+    VAE is a general codec and not a quantiser to the eight palette colours: a decoder that only ever saw the
+    palette snaps a colour it never saw (``<pink>``) to the nearest palette entry, whatever the UNet learns,
+    and one that never saw a shape inside a shape loses the sks subject's small white centre. Each image:
     one of the world's shapes (never the personalization concepts) at a random size and centre, random
     foreground and background colours at least 80 apart, and with probability 0.5 a second, smaller random
     shape in a third colour drawn over it (nested colour regions). The denoiser never sees these images.
