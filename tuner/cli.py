@@ -572,13 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny base from scratch on the toy world")
     p.add_argument("--out", default="runs/pretrain-tiny", help="work folder (checkpoints; rerun to resume)")
-    p.add_argument("--steps", type=int, default=5000, help="UNet + text encoder steps (about 1.4 s each on 2 cores)")
-    p.add_argument("--vae-steps", type=int, default=1200, help="VAE steps (first stage, about 1 s each)")
+    p.add_argument("--steps", type=int, default=3800,
+                   help="UNet + text encoder steps (about 2.0 s each on 2 cores, 1.7 s with --processes 2)")
+    p.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (first stage, about 0.95 s each)")
     p.add_argument("--decoder-steps", type=int, default=0,
                    help="optional third stage: fine-tune the VAE decoder alone on the frozen encoder's latents, "
                         "half of them world geometry in free colours (the UNet stays valid); 0 skips it. "
                         "The shipped base skips it: see its model card")
-    p.add_argument("--fg-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--fg-weight", type=float, default=4.0, metavar="W",
                    help="UNet loss weight 1 + W on latent pixels under the object (the background dominates a "
                         "plain MSE); 0 = plain MSE")
     p.add_argument("--color-drop", type=float, default=0.2, metavar="P",

@@ -47,18 +47,18 @@ STATE_DECODER = "decoder_state.pt"
 @dataclass
 class PretrainSettings:
     seed: int = 0
-    vae_steps: int = 1200
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
-    vae_augment: float = 0.0
+    vae_augment: float = 0.5
     """Share of each VAE batch drawn by :func:`codec_augment` (world geometry in free colours, with nested
     shapes) instead of world scenes: a codec that only ever saw the palette's eight colours and single
     shapes loses what personalization adds (the sks subject's small white centre, ``<pink>``)."""
-    vae_fg_weight: float = 0.0
+    vae_fg_weight: float = 4.0
     """Extra reconstruction weight on object pixels (mask dilated by one pixel): each weighs
     ``1 + vae_fg_weight``. A small object is 2-8% of an image; with a plain mean its detail barely counts."""
-    steps: int = 5000
+    steps: int = 3800
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -69,7 +69,7 @@ class PretrainSettings:
     """Leave the colour word out of this share of captions. WORLD.md's captions always name the colour, but
     DreamBooth's class prompts (``a star on a blue background``) do not: a base that never saw a colourless
     caption ignores such a prompt altogether (wrong shape and background). 0 = WORLD.md's captions only."""
-    fg_weight: float = 0.0
+    fg_weight: float = 4.0
     """Extra loss weight on the object: each latent pixel under the (dilated) object mask weighs
     ``1 + fg_weight`` in the UNet's loss. The object covers 5-30% of an image, so with a plain MSE the
     background dominates; small shapes' outlines are what the base draws worst. 0 = plain MSE."""
