@@ -163,9 +163,10 @@ def test_two_processes_pretrain_like_one(tmp_path):
     from tuner.models.tiny import VAE_CONFIG
 
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--steps", "2", "--vae-steps", "2", "--batch-size", "4", "--scene-limit", "16", "--eval-n", "2"]
-    assert main(["pretrain-tiny", "--out", str(one), *common]) == 0
-    assert main(["pretrain-tiny", "--out", str(two), "--processes", "2", *common]) == 0
+    # The command's defaults are PretrainSettings' (one process here: no card, the card is checked below).
+    assert pretrain_tiny(one, PretrainSettings(steps=2, vae_steps=2, batch=4, scene_limit=16), log=lambda *_: None)
+    assert main(["pretrain-tiny", "--out", str(two), "--processes", "2", "--steps", "2", "--vae-steps", "2",
+                 "--batch-size", "4", "--scene-limit", "16", "--eval-n", "2"]) == 0
     weights = {}
     for part in ("vae", "unet", "text_encoder"):
         (a,), (b,) = (list((root / "final" / part).glob("*.safetensors")) for root in (one, two))
