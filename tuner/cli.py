@@ -40,15 +40,25 @@ def _recipe_from_args(args: argparse.Namespace):
     return load_recipe(args.recipe, args.set or (), shortcuts)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _launch_workers(args: argparse.Namespace) -> int | None:
+    """With ``--processes N`` in a plain process: start the N workers (they parse the same line under the
+    launcher) and return their exit status. None where this process is to do the work itself: one process, or
+    a worker of the launcher."""
     from tuner.train.launch import launched_processes, relaunch
 
-    recipe = _recipe_from_args(args)  # recipe errors are reported once, before any process starts
-    if args.processes > 1 and launched_processes() == 1:  # the workers parse the same line, under the launcher
+    if args.processes > 1 and launched_processes() == 1:
         return relaunch(args.argv, args.processes)
     if args.processes > 1 and launched_processes() != args.processes:
         raise TunerError(f"--processes {args.processes} inside a launcher that started {launched_processes()}: "
                          "drop --processes when launching with accelerate launch or torchrun")
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe_from_args(args)  # recipe errors are reported once, before any process starts
+    code = _launch_workers(args)
+    if code is not None:
+        return code
     from tuner.train.checkpoint import find_checkpoint
     from tuner.train.loop import restore, train
     from tuner.train.setup import setup_run
@@ -336,14 +346,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     import time
 
-    from tuner.train.launch import launched_processes, relaunch
+    from tuner.train.launch import launched_processes
 
     started = time.perf_counter()
-    if args.processes > 1 and launched_processes() == 1:
-        if args.batch_size % args.processes:
-            raise TunerError(f"--batch-size {args.batch_size} does not split over --processes {args.processes}: "
-                             "use a multiple")
-        code = relaunch(args.argv, args.processes)  # the workers train; this process judges and installs
+    if args.batch_size % args.processes:  # before any process starts (pretrain_tiny checks every batch again)
+        raise TunerError(f"--batch-size {args.batch_size} does not split over --processes {args.processes}: "
+                         "use a multiple")
+    code = _launch_workers(args)
+    if code is not None:  # the workers trained; this process judges and installs
         return code or _finish_pretrain(args, started)
     from tuner.tiny.pretrain import pretrain_tiny
 
