@@ -413,11 +413,16 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     return plan
 
 
+def _steps_tensor_by_tensor(s: Settings) -> bool:
+    """Whether the optimizer steps tensor by tensor (a host-time term per trained tensor)."""
+    return s.optimizer == "adafactor" or s.fused_backward
+
+
 def _host_seconds(sk: Skeleton, s: Settings, tensors: int) -> tuple[float, float]:
     """The range of a step's host time: UNet layer calls (each layer once forward, twice backward, once more
     when checkpointing recomputes the forward pass), and an optimizer stepping tensor by tensor."""
     calls = sk.unet_layers * (4 if s.gradient_checkpointing else 3) * s.gradient_accumulation
-    per_tensor = tensors if s.optimizer == "adafactor" or s.fused_backward else 0
+    per_tensor = tensors if _steps_tensor_by_tensor(s) else 0
     lo, hi = (calls * a + per_tensor * b for a, b in zip(HOST_SECONDS_PER_LAYER_CALL, HOST_SECONDS_PER_TENSOR_STEP))
     return lo, hi
 
@@ -647,7 +652,7 @@ def format_plan(plan: Plan) -> str:
         f"{HOST_SECONDS_PER_LAYER_CALL[0] * 1e6:.0f}-{HOST_SECONDS_PER_LAYER_CALL[1] * 1e6:.0f} us of host time "
         f"per UNet layer call"
         + (f" and {HOST_SECONDS_PER_TENSOR_STEP[0] * 1e6:.0f}-{HOST_SECONDS_PER_TENSOR_STEP[1] * 1e6:.0f} us per "
-           "trained tensor (a tensor-by-tensor optimizer step)" if s.optimizer == "adafactor" or s.fused_backward else "")
+           "trained tensor (a tensor-by-tensor optimizer step)" if _steps_tensor_by_tensor(s) else "")
         + " (fitted on an H100 with bench/gpu.py; other cards not measured):",
     ]
     for row in plan.times:
