@@ -60,6 +60,7 @@ def test_pretrain_command_smoke(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "settings.json").read_text())["fg_weight"] == 4.0 and "--fg-weight 4" in card
     assert "under the object weighted 5x" in card
     assert json.loads((tmp_path / "settings.json").read_text())["color_drop"] == 0.3 and "--color-drop 0.3" in card
+    assert "the colour word with p = 0.3" in card
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["vae_augment"] == 0.5 and settings["vae_fg_weight"] == 4.0  # the command's defaults
     assert "object pixels weighted 5x" in card and "50% of its images world geometry in free colours" in card

@@ -63,7 +63,9 @@ def write_card(
         "## Data",
         "Every distinct scene of the world's pretraining split (one object on a solid background, 64 px;",
         "held-out (shape, colour) pairs excluded), captions re-drawn each time with the size and position",
-        f"phrases each dropped with p = 0.3 and the whole caption dropped with p = {settings.get('caption_dropout')}.",
+        "phrases each dropped with p = 0.3"
+        + (f", the colour word with p = {cd:g}" if (cd := settings.get("color_drop")) else "")
+        + f" and the whole caption with p = {settings.get('caption_dropout')}.",
         "",
         "## Training",
         f"- command: `{command}`",
