@@ -63,4 +63,4 @@ def test_class_images_to_generate_are_counted(capsys, tmp_path):
     code = main(["validate", "recipes/tiny/sks_star_dreambooth_lora.toml", "--output", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
-    assert f"class images: 0 in '{tmp_path / 'class_images'}', 48 to generate before training" in out
+    assert f"class images: 0 in '{tmp_path / 'class_images'}', 144 to generate before training" in out  # num_images
