@@ -348,3 +348,114 @@ def test_plan_follows_the_memory_settings():
 
 def param_count_vae(sk) -> int:
     return sum(p.numel() for p in sk.vae.parameters())
+
+
+# --- frozen weights stored narrower than they compute (train.weight_dtype bf16 / fp8) ---------------------------
+
+
+def _frozen_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5),
+    )
+    return net.requires_grad_(False)
+
+
+def _saved_bytes(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(output, bytes of the tensors autograd keeps for backward), one forward pass."""
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = net(x)
+    return y, sum(saved)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8"])
+def test_narrow_frozen_weights_compute_like_their_widened_copy(name):
+    import copy
+
+    from tuner.optim.memory import STORAGE, StoredConv2d, StoredLinear, restore_frozen, store_frozen
+
+    net = _frozen_net()
+    stored = copy.deepcopy(net)
+    assert store_frozen(stored, STORAGE[name]) == sum(net[i].weight.numel() for i in (0, 2, 4))
+    assert isinstance(stored[0], StoredConv2d) and isinstance(stored[4], StoredLinear)
+    assert all(stored[i].weight.dtype == STORAGE[name] for i in (0, 2, 4))
+    widened = copy.deepcopy(stored)
+    assert restore_frozen(widened) == sum(net[i].weight.numel() for i in (0, 2, 4))
+    assert type(widened[0]) is torch.nn.Conv2d and widened[0].weight.dtype == torch.float32
+    for i in (0, 2, 4):  # the rounding: 8 mantissa bits (bf16), 3 bits on a per-channel scale (fp8)
+        w, r = net[i].weight, widened[i].weight
+        bound = 2**-8 * w.abs() if name == "bf16" else 2**-4 * w.abs() + w.abs().amax() / 448 * 2**-9
+        assert ((r - w).abs() <= bound + 1e-12).all()
+        assert not torch.equal(r, w)
+
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, kept = _saved_bytes(stored, x)
+    y_ref, kept_ref = _saved_bytes(widened, x_ref)
+    (y.square().sum()).backward()
+    (y_ref.square().sum()).backward()
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)  # same maths as the widened weights
+    weights = sum(net[i].weight.numel() for i in (0, 2, 4))
+    assert kept_ref - kept >= weights * (4 - STORAGE[name].itemsize) - 4 * 8 * 2  # only narrow copies kept
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8"])
+def test_training_with_narrow_frozen_weights(circles, tmp_path, name):
+    from tuner.optim.memory import STORAGE, StoredLinear
+
+    losses = {}
+    for dtype in ("auto", name):
+        recipe = small_recipe(circles, tmp_path / dtype, train__steps=2, train__weight_dtype=dtype,
+                              preview__every=2, preview__prompts=["a white circle"], preview__steps=2)
+        run = setup_run(recipe, **QUIET)
+        before = {n: p.detach().clone() for n, p in zip(range(len(run.params)), run.params)}
+        train(run, **QUIET)
+        losses[dtype] = run.history["loss"]
+        assert all(p.dtype == torch.float32 for p in run.params)
+        assert any(not torch.equal(before[i], p) for i, p in enumerate(run.params))
+    stored = [m for m in run.base.unet.modules() if isinstance(m, StoredLinear)]
+    assert stored and all(m.weight.dtype == STORAGE[name] for m in stored)
+    assert (tmp_path / name / "previews" / "step_000002.png").is_file()
+    assert losses[name] == pytest.approx(losses["auto"], rel=0.05)  # the same job, rounded base weights
+
+
+def test_dreambooth_writes_narrow_stored_weights_back_wide(circles, tmp_path):
+    from tuner.models.base import load_base
+
+    recipe = small_recipe(circles, tmp_path, train__steps=1, adapter__method="dreambooth",
+                          train__weight_dtype="fp8", train__cache_prompts=False)
+    run = setup_run(recipe, **QUIET)
+    train(run, **QUIET)
+    tuned, original = load_base(str(tmp_path / "model")), load_base(recipe.model.base)
+    for (name, w), w0 in zip(tuned.text_encoder.state_dict().items(), original.text_encoder.state_dict().values()):
+        assert w.dtype == w0.dtype, name
+        assert torch.allclose(w.float(), w0.float(), atol=float(w0.abs().max()) / 16), name
+
+
+def test_plan_counts_narrow_frozen_weights():
+    from tuner.config.schema import Recipe
+    from tuner.plan.skeleton import narrow_weights
+
+    sk = build_skeleton("tiny", "sd15")
+    r = Recipe()
+    fp32 = plan_recipe(r, skeleton=sk).component("frozen weights")
+    weights, channels = narrow_weights(sk.unet)
+    assert weights > 0.9 * sum(p.numel() for p in sk.unet.parameters())
+    r.train.weight_dtype = "bf16"
+    assert plan_recipe(r, skeleton=sk).component("frozen weights") == fp32 - 2 * weights
+    r.train.weight_dtype = "fp8"
+    assert plan_recipe(r, skeleton=sk).component("frozen weights") == fp32 - 3 * weights + 4 * channels
+
+
+def test_plan_matches_the_narrow_weights_a_run_holds(circles, tmp_path):
+    run = setup_run(small_recipe(circles, tmp_path, train__weight_dtype="fp8"), **QUIET)
+    held = sum(t.numel() * t.element_size() for t in [*run.base.unet.parameters(), *run.base.unet.buffers()]
+               if not t.requires_grad)
+    assert plan_recipe(run.recipe).component("frozen weights") == held

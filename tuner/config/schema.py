@@ -143,9 +143,12 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast the forward passes in fp16/bf16 (trained weights stay fp32; fp16 adds a gradient scaler)."""
-    weight_dtype: Literal["auto", "fp32"] = "auto"
+    weight_dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     """Storage of the frozen weights: ``auto`` = the mixed_precision dtype while autocast is active (half the
-    memory of fp32), else fp32; ``fp32`` always. Trained tensors are fp32 either way."""
+    memory of fp32), else fp32; ``fp32`` always. ``bf16`` / ``fp8`` store the frozen Linear and Conv2d weights of
+    the UNet and text encoders narrower than they compute (fp32, or the autocast dtype): each layer widens its
+    weight for its own matmul only. bf16 halves fp32 storage (rounding to 8 mantissa bits); fp8 (e4m3, one
+    scale per output channel) quarters it, like kohya's ``--fp8_base``. Trained tensors are fp32 either way."""
     gradient_checkpointing: bool = False
     """Recompute each UNet block in backward instead of keeping its activations (about 1/3 more compute)."""
     attention: Literal["sdpa", "eager"] = "sdpa"

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tuner.errors import TunerError
 
@@ -39,9 +40,10 @@ def attention_kinds(module: Any) -> set[str]:
 
 
 def frozen_dtype(mixed_precision: str, weight_dtype: str, *, autocast_active: bool) -> torch.dtype:
-    """Storage dtype of frozen weights: the autocast dtype when ``weight_dtype = "auto"`` and autocast really
-    runs (accelerate runs no fp16 autocast on the CPU), else fp32."""
-    if weight_dtype == "auto" and autocast_active and mixed_precision in HALF:
+    """Storage dtype of frozen weights: the autocast dtype when autocast really runs (accelerate runs no fp16
+    autocast on the CPU) unless ``weight_dtype = "fp32"``, else fp32. With ``bf16``/``fp8`` it is the dtype the
+    narrow-stored layers compute in (:func:`store_frozen`) and the storage of every other frozen weight."""
+    if weight_dtype != "fp32" and autocast_active and mixed_precision in HALF:
         return HALF[mixed_precision]
     return torch.float32
 
@@ -101,3 +103,146 @@ def adapter_input_casts_off(layers: list[nn.Module]) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.cast_input_dtype_enabled = True
+
+
+# --- frozen weights stored below the compute precision ------------------------------------------------------
+
+STORAGE = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+"""``train.weight_dtype`` values that store frozen Linear/Conv2d weights in a narrower dtype than the one they
+compute in (fp32, or the autocast dtype)."""
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value: fp8 weights are scaled per output channel to use its whole range."""
+
+
+def _restore(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    w = weight.to(dtype)
+    return w if scale is None else w * scale.to(dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _StoredLinearFn(torch.autograd.Function):
+    """``F.linear`` with a frozen low-precision weight: widened for the matmul, and again in backward, so
+    only the stored (narrow) weight is kept for the gradient of the input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        ctx.save_for_backward(weight, scale)
+        return F.linear(x, _restore(weight, scale, _compute_dtype(x)), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            return grad @ _restore(weight, scale, grad.dtype), None, None, None
+
+
+class _StoredConv2dFn(torch.autograd.Function):
+    """``F.conv2d`` with a frozen low-precision weight (see :class:`_StoredLinearFn`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight, scale)
+        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, _restore(weight, scale, _compute_dtype(x)), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conv
+        with torch.autocast(grad.device.type, enabled=False):
+            w = _restore(weight, scale, grad.dtype)
+            grad_x = torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, groups)
+        return grad_x, None, None, None, None, None, None, None
+
+
+class StoredLinear(nn.Linear):
+    """An ``nn.Linear`` whose frozen weight is stored narrow (:func:`store_frozen`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StoredLinearFn.apply(x, self.weight, self.weight_scale, self.bias)
+
+
+class StoredConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose frozen weight is stored narrow (:func:`store_frozen`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StoredConv2dFn.apply(
+            x, self.weight, self.weight_scale, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+_STORED = {nn.Linear: StoredLinear, nn.Conv2d: StoredConv2d}
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: its first parameter's, or what that layer widens to when its weight
+    is stored narrow (:func:`store_frozen`)."""
+    for layer in module.modules():
+        if isinstance(layer, (StoredLinear, StoredConv2d)):
+            return layer.wide_dtype
+        for p in layer.parameters(recurse=False):
+            return p.dtype
+    return torch.float32
+
+
+def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weight of every frozen ``nn.Linear``/``nn.Conv2d`` inside ``module`` as ``dtype`` (bf16 or
+    float8_e4m3fn), computed at the input's dtype (or autocast's): each layer widens its weight for its own
+    matmul only, so the model holds the narrow copy and one layer's wide copy at a time. fp8 weights carry
+    an fp32 scale per output channel (absmax / 448). Biases, norms and embeddings keep their dtype; trained
+    weights (LoRA factors, a fully trained UNet) are not touched. Returns the number of weights stored.
+    :func:`restore_frozen` undoes it (before writing the model)."""
+    count = 0
+    with torch.no_grad():
+        for layer in module.modules():
+            stored = _STORED.get(type(layer))
+            if stored is None or layer.weight.requires_grad or not layer.weight.is_floating_point():
+                continue
+            if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+                continue  # conv2d_input takes explicit zero padding only; such a layer stays as it is
+            layer.wide_dtype = layer.weight.dtype  # what restore_frozen gives back
+            w = layer.weight.data.float()
+            scale = None
+            if dtype == torch.float8_e4m3fn:
+                scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / FP8_MAX
+                w = w / scale
+            layer.weight.data = w.to(dtype)
+            layer.register_buffer("weight_scale", scale, persistent=False)
+            layer.__class__ = stored
+            count += layer.weight.numel()
+    return count
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed on the host back to the OS (glibc's ``malloc_trim``; elsewhere nothing): weights
+    narrowed in place leave their wide copies in the allocator's free lists, which would keep the process's
+    resident size at the wide model's."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc
+
+
+def restore_frozen(module: nn.Module) -> int:
+    """Undo :func:`store_frozen`: widen every stored weight back to the dtype it had (times its scale) and
+    give the layer back its plain class. Returns the number of weights restored."""
+    count = 0
+    plain = {v: k for k, v in _STORED.items()}
+    with torch.no_grad():
+        for layer in module.modules():
+            if type(layer) not in plain:
+                continue
+            layer.weight.data = _restore(layer.weight.data, layer.weight_scale, layer.wide_dtype)
+            del layer._buffers["weight_scale"], layer.wide_dtype
+            layer.__class__ = plain[type(layer)]
+            count += layer.weight.numel()
+    return count

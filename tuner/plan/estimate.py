@@ -39,7 +39,14 @@ from tuner.plan.activations import (
     vae_encode_flops,
     vae_encode_workspace,
 )
-from tuner.plan.skeleton import Skeleton, build_skeleton, lora_tensor_sizes, param_count
+from tuner.plan.skeleton import (
+    STORED_BYTES,
+    Skeleton,
+    build_skeleton,
+    lora_tensor_sizes,
+    narrow_weights,
+    param_count,
+)
 from tuner.train.distributed import GRADIENT_BUCKET
 
 MB = 1024**2
@@ -296,6 +303,12 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     frozen = sum(param_count(m) for name, m in resident.items() if name not in full)
     vae_fp32 = "vae" in resident and recipe.model.vae_dtype == "fp32" and frozen_b == 2
     frozen_bytes = frozen * frozen_b + (2 * param_count(sk.vae) if vae_fp32 else 0)
+    narrow_b = STORED_BYTES.get(s.weight_dtype, frozen_b)
+    if narrow_b < frozen_b:  # train.weight_dtype bf16/fp8: Linear/Conv2d weights of the UNet and text encoders
+        for name, m in resident.items():
+            if name not in full and name != "vae":
+                weights, channels = narrow_weights(m)
+                frozen_bytes -= weights * (frozen_b - narrow_b) - (4 * channels if s.weight_dtype == "fp8" else 0)
     fused = s.fused_backward
     all_shapes = _flat(shapes)
     largest = max((_count([sh]) for sh in all_shapes), default=0)
@@ -307,6 +320,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
             frozen_bytes,
             f"{frozen / 1e6:,.1f}M params ({', '.join(n for n in resident if n not in full)}) "
             f"at {frozen_b} bytes" + (" (VAE at 4)" if vae_fp32 else "")
+            + (f", Linear/Conv2d weights at {narrow_b}" if narrow_b < frozen_b else "")
             if frozen
             else "none on the device (cached components moved off it)",
         ),
@@ -478,6 +492,7 @@ _COST = {
     "cache_latents": 0,
     "cache_prompts": 0,
     "weight_dtype": 1,
+    "fp8_weights": 3,
     "mixed_precision": 1,
     "ema_on_cpu": 1,
     "shard_states": 1,
@@ -517,7 +532,7 @@ def candidates(
         {base.cache_latents, True} if recipe.data.center_crop else {base.cache_latents},
         prompts,
         precisions,
-        {base.weight_dtype, "auto"},
+        {base.weight_dtype, "auto", "fp8"},
         opts,
         {base.fused_backward, True} if fusable else {base.fused_backward},
         {base.gradient_checkpointing, True},
@@ -548,7 +563,7 @@ def candidates(
             _COST["cache_latents"] * (cache != base.cache_latents)
             + _COST["cache_prompts"] * (prompt != base.cache_prompts)
             + _COST["mixed_precision"] * (mp != base.mixed_precision)
-            + _COST["weight_dtype"] * (wd != base.weight_dtype)
+            + _COST["fp8_weights" if wd == "fp8" else "weight_dtype"] * (wd != base.weight_dtype)
             + (_COST[opt] if opt != base.optimizer else 0)
             + _COST["fused_backward"] * (fused != base.fused_backward)
             + _COST["gradient_checkpointing"] * (gc != base.gradient_checkpointing)

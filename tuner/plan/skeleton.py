@@ -112,6 +112,17 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+STORED_BYTES = {"bf16": 2, "fp8": 1}
+"""Bytes per weight that ``train.weight_dtype`` bf16/fp8 store frozen Linear/Conv2d weights in."""
+
+
+def narrow_weights(module: nn.Module) -> tuple[int, int]:
+    """(weights, output channels) of the plain ``nn.Linear``/``nn.Conv2d`` layers in ``module``: what
+    :func:`tuner.optim.memory.store_frozen` stores narrow (fp8 adds one fp32 scale per output channel)."""
+    layers = [m for m in module.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    return sum(m.weight.numel() for m in layers), sum(m.weight.shape[0] for m in layers)
+
+
 def lora_tensor_sizes(model: nn.Module, plan: dict[str, tuple[int, float]]) -> list[int]:
     """Element counts of the ``lora_A``/``lora_B`` tensors peft creates for ``plan`` (path -> (rank,
     alpha)): Linear and 1x1 conv ``r*(in + out)``; a kxk conv ``r*in*k*k`` (down, kxk) + ``r*out`` (up, 1x1)."""

@@ -19,6 +19,7 @@ from PIL import Image
 from tuner.errors import TunerError
 from tuner.models.base import BaseModel
 from tuner.models.prompts import Conditioning, encode_conditioning, unet_kwargs
+from tuner.optim.memory import compute_dtype
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
 
@@ -75,7 +76,7 @@ def sample_images(
             f"(e.g. {base.family.resolution}x{base.family.resolution})"
         )
     unet, vae = base.unet, base.vae
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    device, dtype = next(unet.parameters()).device, compute_dtype(unet)
     guided = settings.cfg > 1.0
     uncond = None
     if guided and not (settings.negative == "" and base.family.zero_empty_negative):

@@ -15,6 +15,7 @@ from tuner.formats.io import SAVE_DTYPES, save_safetensors, write_bytes_atomic
 from tuner.formats.lorafile import save_lora
 from tuner.formats.metadata import build_lora_metadata
 from tuner.formats.peft import to_peft_state_dict
+from tuner.optim.memory import restore_frozen
 from tuner.sample.png import save_png
 from tuner.sample.sampler import SampleSettings, grid, sample_images
 from tuner.train.card import CardFacts, write_card
@@ -254,6 +255,8 @@ def write_model(run: Run) -> list[Path]:
     from tuner.models.base import BaseModel, export_base, load_base
 
     parts = {name: run.accelerator.unwrap_model(module) for name, module in run.base.components.items()}
+    for module in parts.values():  # frozen weights stored narrow (train.weight_dtype bf16/fp8) are written wide
+        restore_frozen(module)
     tuned = BaseModel(
         family=run.base.family,
         scheduler_config=run.base.scheduler_config,

@@ -23,7 +23,16 @@ from tuner.errors import TunerError
 from tuner.formats.io import writable_folder_problem
 from tuner.models.base import BaseModel, load_base
 from tuner.optim.fused import FusedBackward
-from tuner.optim.memory import adapter_layers, cast_frozen, frozen_dtype, set_attention, to_channels_last
+from tuner.optim.memory import (
+    STORAGE,
+    adapter_layers,
+    cast_frozen,
+    frozen_dtype,
+    return_freed_memory,
+    set_attention,
+    store_frozen,
+    to_channels_last,
+)
 from tuner.optim.optimizers import build_optimizer, build_schedule
 from tuner.train.distributed import Shard, broadcast_parameters, check_launch
 from tuner.train.ema import Ema
@@ -283,9 +292,15 @@ def apply_memory_settings(recipe: Recipe, base: BaseModel, *, autocast_active: b
     if t.mixed_precision != "no" and dtype == torch.float32 and t.weight_dtype == "auto":
         log(f"NOTE: train.mixed_precision = {t.mixed_precision!r} runs no autocast on this device: "
             "frozen weights stay fp32")
+    narrow = t.weight_dtype in STORAGE and STORAGE[t.weight_dtype] != dtype
+    changed = 0
     for module in (base.unet, *base.text_encoders.values()):
-        cast_frozen(module, dtype)
-    cast_frozen(base.vae, torch.float32 if recipe.model.vae_dtype == "fp32" else dtype)
+        changed += cast_frozen(module, dtype)
+        if narrow:
+            changed += store_frozen(module, STORAGE[t.weight_dtype])
+    changed += cast_frozen(base.vae, torch.float32 if recipe.model.vae_dtype == "fp32" else dtype)
+    if changed:
+        return_freed_memory()  # the wide copies, freed, leave the process (on a CPU they would stay resident)
     if t.channels_last:
         to_channels_last(base.unet)
 
