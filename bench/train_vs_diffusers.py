@@ -22,8 +22,12 @@ prompt cache). The trainable parameter counts are printed so a target mismatch w
 Each trainer runs in its own child process. Figures per child:
   * samples/s: steady state, batch x (steps - 1) / time between the end of the first and of the last
     backward pass (each step's data, noise, forward, backward and optimizer step; no loading or saving);
-  * peak memory: the child's ``ru_maxrss`` when the last backward pass ends (the training peak), and the
-    whole process's ``ru_maxrss`` from ``wait4`` (the rival also reloads the pipeline at the end);
+  * peak memory: the child's ``ru_maxrss`` when the last backward pass ends (the training peak, loading
+    and caching included); the steady peak, from the end of the first backward pass to the end of the last
+    (the high-water mark is reset there through ``/proc/self/clear_refs``: training alone: loading and
+    caching are behind; the optimizer states, made in the first update, fall inside); and the whole process's peak (the rival also
+    reloads the pipeline at the end). This process never imports torch: on Linux a child's ``ru_maxrss``
+    starts from its parent's resident size at the fork;
   * final loss: the mean of the last ``min(10, steps)`` losses (one step's loss is a single random timestep).
 The sampler part times tuner's sampler (same seeds, steps, CFG) on the bare base and with tuner's trained
 LoRA merged into the weights, in one child, after one warm-up image.
@@ -153,14 +157,21 @@ def _instrument() -> dict:
     """
     import torch
 
-    rec: dict = {"t": [], "loss": [], "rss_mb": 0.0, "trainable": 0}
+    rec: dict = {"t": [], "loss": [], "rss_mb": 0.0, "before_mb": 0.0, "steady_mb": None, "trainable": 0}
     backward = torch.Tensor.backward
 
     def timed_backward(self, *args, **kwargs):
         out = backward(self, *args, **kwargs)
         rec["t"].append(time.perf_counter())
         rec["loss"].append(float(self.detach()))
-        rec["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        now = _high_water_mb()
+        if len(rec["t"]) == 1:  # loading, caching and the first step: then the steady-state peak starts
+            rec["before_mb"] = now
+            if _reset_high_water():
+                rec["steady_mb"] = _high_water_mb()
+        elif rec["steady_mb"] is not None:
+            rec["steady_mb"] = now
+        rec["rss_mb"] = max(rec["before_mb"], now)
         return out
 
     adamw_init = torch.optim.AdamW.__init__
@@ -176,6 +187,22 @@ def _instrument() -> dict:
     return rec
 
 
+def _high_water_mb() -> float:
+    """This process's peak resident size so far (``ru_maxrss``; Linux's ``VmHWM``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_high_water() -> bool:
+    """Reset the peak to the current resident size (Linux >= 4.0: ``/proc/self/clear_refs`` 5). False where
+    that is not possible; the steady-state column is then left empty."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _summary(rec: dict, batch: int, started: float) -> dict:
     t, losses = rec["t"], rec["loss"]
     tail = losses[-min(10, len(losses)) :]
@@ -188,6 +215,8 @@ def _summary(rec: dict, batch: int, started: float) -> dict:
         else None,
         "seconds_to_first_step": round(t[0] - started, 1) if t else None,
         "train_peak_rss_mb": round(rec["rss_mb"]),
+        "steady_peak_rss_mb": None if rec["steady_mb"] is None else round(rec["steady_mb"]),
+        "_before_mb": rec["before_mb"],
         "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
         "last_loss": round(losses[-1], 5) if losses else None,
         "trainable": rec["trainable"],
@@ -214,6 +243,9 @@ def child_tuner(job: dict) -> dict:
     r.optim.optimizer, r.optim.learning_rate, r.optim.schedule = "adamw", job["lr"], "constant"
     r.preview.every = 0
     r.output.dir, r.output.name = job["out"], "bench"
+    for key, value in job.get("set", {}).items():  # a --tuner-set variant: one recipe key changed
+        table, name = key.split(".")
+        setattr(getattr(r, table), name, value)
     run = setup_run(r, log=lambda *_: None)
     result = loop.train(run, log=lambda *_: None)
     row = _summary(rec, job["batch"], started)
@@ -312,7 +344,8 @@ def run_child(kind: str, job: dict, env: dict) -> tuple[dict | None, float, str]
     line = next((ln for ln in stdout.splitlines() if ln.startswith("ROW ")), None)
     if proc.returncode != 0 or line is None:
         return None, 0.0, f"exit {proc.returncode}\n{stderr[-3000:]}"
-    return json.loads(line[4:]), usage.ru_maxrss / 1024, ""
+    row = json.loads(line[4:])
+    return row, max(usage.ru_maxrss / 1024, row.pop("child_peak_mb")), ""
 
 
 def prepare_sd15(folder: Path) -> None:
@@ -325,6 +358,43 @@ def prepare_sd15(folder: Path) -> None:
     from tuner.models.single_file import build_tokenizer
 
     export_base(replace(sd15_random_base(), tokenizer=build_tokenizer(SD15)), folder)
+
+
+def child_prepare(job: dict) -> dict:
+    """Export the bases the run needs; say whether torchvision imports (the rival needs its transforms)."""
+    out: dict = {}
+    try:
+        import torchvision  # noqa: F401
+
+        out["torchvision"] = "torchvision: installed"
+    except Exception:
+        out["torchvision"] = (
+            "torchvision: not importable here; the rival ran with this script's transforms shim"
+        )
+    if "tiny" in job["bases"]:
+        from tuner.models.base import export_base, load_base
+
+        out["tiny"] = str(export_base(load_base("tiny"), job["tiny_dir"]))
+    if "sd15-random" in job["bases"]:
+        folder = Path(job["sd15_dir"])
+        if not (folder / "model_index.json").is_file():
+            prepare_sd15(folder)
+        out["sd15-random"] = str(folder)
+    return out
+
+
+def _value(text: str):
+    """A --tuner-set value: JSON (numbers, true/false) or else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _who(row: dict) -> str:
+    if row["trainer"] == "rival":
+        return "diffusers example"
+    return f"tuner ({row['variant']})" if row.get("variant") else "tuner"
 
 
 def ratio(a, b) -> str:
@@ -358,12 +428,27 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(tempfile.gettempdir()) / "tuner-sd15-random-diffusers",
         help="the random SD1.5 diffusers folder (written once if missing)",
     )
+    p.add_argument(
+        "--tuner-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra tuner row with one recipe key changed, e.g. train.weight_dtype=fp8 (repeatable)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--child", nargs=2, metavar=("KIND", "JOB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         kind, job = args.child[0], json.loads(args.child[1])
-        row = {"tuner": child_tuner, "rival": child_rival, "sample": child_sample}[kind](job)
+        children = {
+            "tuner": child_tuner,
+            "rival": child_rival,
+            "sample": child_sample,
+            "prepare": child_prepare,
+        }
+        row = children[kind](job)
+        # the whole child's peak: wait4's figure misses what came before a reset of the high-water mark
+        row["child_peak_mb"] = round(max(row.pop("_before_mb", 0.0), _high_water_mb()))
         print("ROW " + json.dumps(row), flush=True)
         return 0
 
@@ -392,23 +477,20 @@ def main(argv: list[str] | None = None) -> int:
         TRANSFORMERS_OFFLINE="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
     )
-    try:
-        import torchvision  # noqa: F401
-
-        tv_note = "torchvision: installed"
-    except Exception:
-        tv_note = "torchvision: not importable here; the rival ran with this script's transforms shim"
-
-    base_dirs: dict[str, Path] = {}
-    if "tiny" in args.bases:
-        from tuner.models.base import export_base, load_base
-
-        base_dirs["tiny"] = export_base(load_base("tiny"), work / "tiny-diffusers")
-    if "sd15-random" in args.bases:
-        if not (args.sd15_dir / "model_index.json").is_file():
-            print(f"writing the random SD1.5 base to {args.sd15_dir} (once)...", flush=True)
-            prepare_sd15(args.sd15_dir)
-        base_dirs["sd15-random"] = args.sd15_dir
+    if "sd15-random" in args.bases and not (args.sd15_dir / "model_index.json").is_file():
+        print(f"writing the random SD1.5 base to {args.sd15_dir} (once)...", flush=True)
+    # In a child too: this process never imports torch, because a child's ru_maxrss on Linux starts from
+    # its parent's resident size at the fork (the exec keeps the old high-water mark).
+    prepared, _, err = run_child(
+        "prepare",
+        {"bases": args.bases, "tiny_dir": str(work / "tiny-diffusers"), "sd15_dir": str(args.sd15_dir)},
+        env,
+    )
+    if prepared is None:
+        print(f"preparing the bases FAILED ({err})", file=sys.stderr)
+        return 1
+    tv_note = prepared["torchvision"]
+    base_dirs = {name: Path(prepared[name]) for name in args.bases}
 
     rows: list[dict] = []
     for i, (name, resolution) in enumerate(BASES.items()):
@@ -427,26 +509,31 @@ def main(argv: list[str] | None = None) -> int:
             "rival_args": args.rival_args.split(),
         }
         found: dict[str, dict] = {}
-        for trainer in ("tuner", "rival"):
-            out = work / f"{name}-{trainer}"
+        for k, (trainer, variant) in enumerate(
+            [("tuner", ""), ("rival", ""), *(("tuner", v) for v in args.tuner_set)]
+        ):
+            out = work / f"{name}-{trainer}-{k}"
             started = time.perf_counter()
-            row, peak, err = run_child(trainer, {**job, "out": str(out)}, env)
+            key, _, value = variant.partition("=")
+            changes = {key: _value(value)} if variant else {}
+            row, peak, err = run_child(trainer, {**job, "out": str(out), "set": changes}, env)
             if row is None:
-                print(f"{name} {trainer}: FAILED ({err})", flush=True)
+                print(f"{name} {trainer} {variant}: FAILED ({err})", flush=True)
                 continue
             row.update(
                 base=name,
                 trainer=trainer,
+                variant=variant,
                 resolution=resolution,
                 batch=job["batch"],
                 steps=job["steps"],
                 process_peak_rss_mb=round(peak),
                 wall_s=round(time.perf_counter() - started, 1),
             )
-            found[trainer] = row
+            found.setdefault(trainer, row)
             rows.append(row)
             print(
-                f"  {name:12s} {trainer:6s} {row['samples_per_s']} samples/s, training peak "
+                f"  {name:12s} {trainer:6s} {variant} {row['samples_per_s']} samples/s, training peak "
                 f"{row['train_peak_rss_mb']} MB, loss {row['final_loss']}, {row['wall_s']} s",
                 flush=True,
             )
@@ -476,31 +563,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| base | px | batch x steps | trainer | trainable | samples/s | samples/s (median step) | training peak (MB) "
-        "| process peak (MB) "
-        "| final loss |"
+        "| steady peak (MB) | process peak (MB) | final loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["trainer"] in ("tuner", "rival"):
-            who = "tuner" if r["trainer"] == "tuner" else "diffusers example"
+            who = _who(r)
             print(
                 f"| {r['base']} | {r['resolution']} | {r['batch']} x {r['steps']} | {who} | {r['trainable']:,} "
-                f"| {r['samples_per_s']} | {r['samples_per_s_median_step']} | {r['train_peak_rss_mb']} | {r['process_peak_rss_mb']} | {r['final_loss']} |"
+                f"| {r['samples_per_s']} | {r['samples_per_s_median_step']} | {r['train_peak_rss_mb']} | {r['steady_peak_rss_mb']} | {r['process_peak_rss_mb']} | {r['final_loss']} |"
             )
     print()
     print(
         "| base | throughput tuner/rival (target >= 1.5) | median-step throughput tuner/rival | training peak tuner/rival (target <= 0.7) "
-        "| process peak tuner/rival |"
+        "| steady peak tuner/rival | process peak tuner/rival |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name in BASES:
-        t = next((r for r in rows if r["base"] == name and r["trainer"] == "tuner"), None)
         v = next((r for r in rows if r["base"] == name and r["trainer"] == "rival"), None)
-        if t and v:
+        for t in (r for r in rows if r["base"] == name and r["trainer"] == "tuner" and v):
             print(
-                f"| {name} | {ratio(t['samples_per_s'], v['samples_per_s'])} "
+                f"| {name} {_who(t).removeprefix('tuner')} | {ratio(t['samples_per_s'], v['samples_per_s'])} "
                 f"| {ratio(t['samples_per_s_median_step'], v['samples_per_s_median_step'])} "
                 f"| {ratio(t['train_peak_rss_mb'], v['train_peak_rss_mb'])} "
+                f"| {ratio(t['steady_peak_rss_mb'], v['steady_peak_rss_mb'])} "
                 f"| {ratio(t['process_peak_rss_mb'], v['process_peak_rss_mb'])} |"
             )
     print()
