@@ -24,7 +24,8 @@ Published anchors (SimpleTuner, H100): SD1.5 LoRA 2.87 GiB / 0.181 s per step; w
     python bench/gpu.py --breakdown             # + SD1.5 checkpointed: the peak by category, and a profile
     python bench/gpu.py --skip-base --features --breakdown   # the extra runs alone
 
-``--features`` adds SD1.5 512 px runs with gradient checkpointing and one change each: channels_last, and a
+``--features`` adds SD1.5 512 px runs with gradient checkpointing and one change each: channels_last, the frozen
+weights stored in fp8 (``train.weight_dtype = "fp8"``, widened to bf16 layer by layer), and a
 full fine-tune (DreamBooth without prior) with AdamW and with Adafactor + fused backward. ``--breakdown``
 runs the SD1.5 checkpointed LoRA once more under ``tuner.plan.measure.TensorMemory`` (every live CUDA tensor
 labelled: frozen weights, trainable weights, gradients, optimizer states, activations) beside
@@ -61,6 +62,7 @@ TIMED = {"sd15": 20, "sdxl": 8}
 CHILD_TIMEOUT_S = 170
 FEATURES = (
     ("channels_last", ("train.channels_last=true",)),
+    ("fp8 frozen weights", ('train.weight_dtype="fp8"',)),
     ("full fine-tune, AdamW", ('adapter.method="dreambooth"',)),
     ("full fine-tune, Adafactor + fused backward",
      ('adapter.method="dreambooth"', 'optim.optimizer="adafactor"', "optim.fused_backward=true")),
