@@ -193,8 +193,9 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
     """Store the weight of every frozen ``nn.Linear``/``nn.Conv2d`` inside ``module`` as ``dtype`` (bf16 or
     float8_e4m3fn), computed at the input's dtype (or autocast's): each layer widens its weight for its own
     matmul only, so the model holds the narrow copy and one layer's wide copy at a time. fp8 weights carry
-    an fp32 scale per output channel (absmax / 448). Biases, norms and embeddings keep their dtype; trained
-    weights (LoRA factors, a fully trained UNet) are not touched. Returns the number of weights stored.
+    an fp32 scale per output channel (absmax / 448). Biases, norms and embeddings keep their dtype (they are
+    copied, so that no tensor keeps a checkpoint's file mapping, and its wide pages, alive); trained weights
+    (LoRA factors, a fully trained UNet) are not touched. Returns the number of weights stored.
     :func:`restore_frozen` undoes it (before writing the model)."""
     count = 0
     with torch.no_grad():
@@ -214,6 +215,11 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
             layer.register_buffer("weight_scale", scale, persistent=False)
             layer.__class__ = stored
             count += layer.weight.numel()
+        if count:  # loaded weights may be views of the checkpoint's file mapping, which stays resident while any
+            for layer in module.modules():  # tensor still points into it: copy the rest out, the mapping goes
+                for name, p in layer.named_parameters(recurse=False):
+                    if not p.requires_grad and not (name == "weight" and isinstance(layer, (StoredLinear, StoredConv2d))):
+                        p.data = p.data.clone()
     return count
 
 
