@@ -462,3 +462,21 @@ def test_plan_matches_the_narrow_weights_a_run_holds(circles, tmp_path):
     held = sum(t.numel() * t.element_size() for t in [*run.base.unet.parameters(), *run.base.unet.buffers()]
                if not t.requires_grad)
     assert plan_recipe(run.recipe).component("frozen weights") == held
+
+
+def test_paging_out_narrowed_weights_keeps_every_value(tmp_path):
+    """store_frozen asks the kernel to reclaim the pages of each wide weight it replaced (so a model loaded
+    from a file mapping is never resident twice): the hint must never change what any tensor reads, whether
+    the memory is a file mapping (reread from the file) or anonymous."""
+    from safetensors.torch import load_file, save_file
+
+    from tuner.optim.memory import _page_out
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(512, 1024), "b": torch.randn(3, 5)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    mapped = load_file(tmp_path / "w.safetensors")
+    for t in (*mapped.values(), tensors["a"], tensors["a"][:, :7]):
+        _page_out(t)
+    assert all(torch.equal(mapped[k], tensors[k]) for k in tensors)
+    assert torch.equal(tensors["a"], load_file(tmp_path / "w.safetensors")["a"])

@@ -206,12 +206,15 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
             if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
                 continue  # conv2d_input takes explicit zero padding only; such a layer stays as it is
             layer.wide_dtype = layer.weight.dtype  # what restore_frozen gives back
-            w = layer.weight.data.float()
+            wide = layer.weight.data
+            w = wide.float()
             scale = None
             if dtype == torch.float8_e4m3fn:
                 scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / FP8_MAX
                 w = w / scale
             layer.weight.data = w.to(dtype)
+            del w
+            _page_out(wide)  # read from a checkpoint's file mapping: its pages need not stay resident
             layer.register_buffer("weight_scale", scale, persistent=False)
             layer.__class__ = stored
             count += layer.weight.numel()
@@ -221,6 +224,34 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
                     if not p.requires_grad and not (name == "weight" and isinstance(layer, (StoredLinear, StoredConv2d))):
                         p.data = p.data.clone()
     return count
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; never changes their contents
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the host pages under ``t`` (Linux; elsewhere, or on a device, nothing).
+    Clean pages of a checkpoint's file mapping leave the process's resident set and are read again from
+    the file if touched; anonymous memory is untouched without swap. So narrowing a model layer by layer
+    never holds the whole wide model resident on top of the narrow one."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    if t.device.type != "cpu" or not t.numel() or not t.is_contiguous():
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = (start + page - 1) // page * page, end // page * page  # whole pages inside the tensor only
+    if last <= first:
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise(
+            ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT
+        )
+    except (OSError, AttributeError, TypeError):
+        pass  # not Linux/glibc: the pages go when the mapping does (store_frozen copies the rest out)
 
 
 def return_freed_memory() -> None:
