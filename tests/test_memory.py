@@ -383,10 +383,11 @@ def test_narrow_frozen_weights_compute_like_their_widened_copy(name):
 
     net = _frozen_net()
     stored = copy.deepcopy(net)
-    loaded = {p.untyped_storage().data_ptr() for p in stored.parameters()}
+    loaded = [p.data for p in stored.parameters()]  # kept alive, so no new tensor can reuse their memory
     assert store_frozen(stored, STORAGE[name]) == sum(net[i].weight.numel() for i in (0, 2, 4))
     # nothing points into the loaded tensors any more (a checkpoint's file mapping can then go)
-    assert not loaded & {p.untyped_storage().data_ptr() for p in stored.parameters()}
+    old = {t.untyped_storage().data_ptr() for t in loaded}
+    assert not old & {p.untyped_storage().data_ptr() for p in stored.parameters()}
     assert isinstance(stored[0], StoredConv2d) and isinstance(stored[4], StoredLinear)
     assert all(stored[i].weight.dtype == STORAGE[name] for i in (0, 2, 4))
     widened = copy.deepcopy(stored)
