@@ -7,6 +7,7 @@ Plain functions over modules (no recipe): :func:`tuner.train.setup.setup_run` de
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -176,13 +177,23 @@ class StoredConv2d(nn.Conv2d):
 
 
 _STORED = {nn.Linear: StoredLinear, nn.Conv2d: StoredConv2d}
+_NARROW = tuple(_STORED.values())
+
+
+def storable(layer: nn.Module) -> bool:
+    """Whether :func:`store_frozen` can store ``layer``'s weight narrow (when it is frozen): a plain
+    ``nn.Linear`` or ``nn.Conv2d`` with explicit zero padding (what ``conv2d_input`` takes); the planner
+    counts the same layers."""
+    if type(layer) not in _STORED:
+        return False
+    return not isinstance(layer, nn.Conv2d) or (layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype ``module`` computes in: its first parameter's, or what that layer widens to when its weight
     is stored narrow (:func:`store_frozen`)."""
     for layer in module.modules():
-        if isinstance(layer, (StoredLinear, StoredConv2d)):
+        if isinstance(layer, _NARROW):
             return layer.wide_dtype
         for p in layer.parameters(recurse=False):
             return p.dtype
@@ -200,11 +211,8 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
     count = 0
     with torch.no_grad():
         for layer in module.modules():
-            stored = _STORED.get(type(layer))
-            if stored is None or layer.weight.requires_grad or not layer.weight.is_floating_point():
+            if not storable(layer) or layer.weight.requires_grad or not layer.weight.is_floating_point():
                 continue
-            if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-                continue  # conv2d_input takes explicit zero padding only; such a layer stays as it is
             layer.wide_dtype = layer.weight.dtype  # what restore_frozen gives back
             wide = layer.weight.data
             w = wide.float()
@@ -216,17 +224,30 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
             del w
             _page_out(wide)  # read from a checkpoint's file mapping: its pages need not stay resident
             layer.register_buffer("weight_scale", scale, persistent=False)
-            layer.__class__ = stored
+            layer.__class__ = _STORED[type(layer)]
             count += layer.weight.numel()
         if count:  # loaded weights may be views of the checkpoint's file mapping, which stays resident while any
             for layer in module.modules():  # tensor still points into it: copy the rest out, the mapping goes
                 for name, p in layer.named_parameters(recurse=False):
-                    if not p.requires_grad and not (name == "weight" and isinstance(layer, (StoredLinear, StoredConv2d))):
+                    if not p.requires_grad and not (name == "weight" and isinstance(layer, _NARROW)):
                         p.data = p.data.clone()
     return count
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; never changes their contents
+
+
+@functools.cache
+def _libc():
+    """The C library (``madvise``, glibc's ``malloc_trim``), looked up once: ``find_library`` runs a
+    subprocess on Linux. None where there is none to load."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
 
 
 def _page_out(t: torch.Tensor) -> None:
@@ -235,7 +256,6 @@ def _page_out(t: torch.Tensor) -> None:
     the file if touched; anonymous memory is untouched without swap. So narrowing a model layer by layer
     never holds the whole wide model resident on top of the narrow one."""
     import ctypes
-    import ctypes.util
     import mmap
 
     if t.device.type != "cpu" or not t.numel() or not t.is_contiguous():
@@ -246,27 +266,21 @@ def _page_out(t: torch.Tensor) -> None:
     first, last = (start + page - 1) // page * page, end // page * page  # whole pages inside the tensor only
     if last <= first:
         return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise(
-            ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT
-        )
-    except (OSError, AttributeError, TypeError):
-        pass  # not Linux/glibc: the pages go when the mapping does (store_frozen copies the rest out)
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is not None:  # elsewhere the pages go when the mapping does (store_frozen copies the rest out)
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
 def return_freed_memory() -> None:
     """Hand memory freed on the host back to the OS (glibc's ``malloc_trim``; elsewhere nothing): weights
     narrowed in place leave their wide copies in the allocator's free lists, which would keep the process's
     resident size at the wide model's."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def restore_frozen(module: nn.Module) -> int:

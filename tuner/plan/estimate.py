@@ -30,6 +30,7 @@ from typing import Any
 
 from tuner.config.schema import Recipe
 from tuner.errors import TunerError
+from tuner.optim.memory import STORAGE
 from tuner.plan.activations import (
     GRADIENT_BUFFERS,
     backward_peak,
@@ -40,7 +41,6 @@ from tuner.plan.activations import (
     vae_encode_workspace,
 )
 from tuner.plan.skeleton import (
-    STORED_BYTES,
     Skeleton,
     build_skeleton,
     lora_tensor_sizes,
@@ -303,7 +303,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     frozen = sum(param_count(m) for name, m in resident.items() if name not in full)
     vae_fp32 = "vae" in resident and recipe.model.vae_dtype == "fp32" and frozen_b == 2
     frozen_bytes = frozen * frozen_b + (2 * param_count(sk.vae) if vae_fp32 else 0)
-    narrow_b = STORED_BYTES.get(s.weight_dtype, frozen_b)
+    narrow_b = STORAGE[s.weight_dtype].itemsize if s.weight_dtype in STORAGE else frozen_b
     if narrow_b < frozen_b:  # train.weight_dtype bf16/fp8: Linear/Conv2d weights of the UNet and text encoders
         for name, m in resident.items():
             if name not in full and name != "vae":

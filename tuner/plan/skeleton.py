@@ -19,6 +19,7 @@ from torch import nn
 
 from tuner.errors import TunerError
 from tuner.models.families import TINY, Family, get_family
+from tuner.optim.memory import storable
 
 
 @dataclass
@@ -112,14 +113,10 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-STORED_BYTES = {"bf16": 2, "fp8": 1}
-"""Bytes per weight that ``train.weight_dtype`` bf16/fp8 store frozen Linear/Conv2d weights in."""
-
-
 def narrow_weights(module: nn.Module) -> tuple[int, int]:
-    """(weights, output channels) of the plain ``nn.Linear``/``nn.Conv2d`` layers in ``module``: what
-    :func:`tuner.optim.memory.store_frozen` stores narrow (fp8 adds one fp32 scale per output channel)."""
-    layers = [m for m in module.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    """(weights, output channels) of the layers in ``module`` that :func:`tuner.optim.memory.store_frozen`
+    stores narrow when frozen (fp8 adds one fp32 scale per output channel)."""
+    layers = [m for m in module.modules() if storable(m)]
     return sum(m.weight.numel() for m in layers), sum(m.weight.shape[0] for m in layers)
 
 
