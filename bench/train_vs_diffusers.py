@@ -216,7 +216,6 @@ def _summary(rec: dict, batch: int, started: float) -> dict:
         "seconds_to_first_step": round(t[0] - started, 1) if t else None,
         "train_peak_rss_mb": round(rec["rss_mb"]),
         "steady_peak_rss_mb": None if rec["steady_mb"] is None else round(rec["steady_mb"]),
-        "_before_mb": rec["before_mb"],
         "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
         "last_loss": round(losses[-1], 5) if losses else None,
         "trainable": rec["trainable"],
@@ -447,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             "prepare": child_prepare,
         }
         row = children[kind](job)
-        # the whole child's peak: wait4's figure misses what came before a reset of the high-water mark
-        row["child_peak_mb"] = round(max(row.pop("_before_mb", 0.0), _high_water_mb()))
+        # the whole child's peak: wait4's figure misses what came before a reset of the high-water mark, which
+        # the training peak (the high-water mark at the first backward pass or later) includes
+        row["child_peak_mb"] = round(max(row.get("train_peak_rss_mb", 0), _high_water_mb()))
         print("ROW " + json.dumps(row), flush=True)
         return 0
 
