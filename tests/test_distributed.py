@@ -58,15 +58,16 @@ save_dtype = "fp32"
 """
 
 # Each worker runs two `tuner train --processes 2` command lines in turn (one launch, to keep the test short):
-# a fresh run, and a run resumed from the checkpoint a 1-process run saved, with the optimizer's states
-# sharded between the processes (optim.shard_states, ZeRO-1).
+# a fresh run, and a run resumed from the checkpoint a 1-process run saved, with the optimizer's states and
+# the gradients sharded between the processes (optim.shard_gradients, ZeRO-2, which implies ZeRO-1's
+# shard_states).
 DRIVER = """
 import sys
 from tuner.cli import main
 
 fresh, resumed, checkpoint = sys.argv[1:]
 code = main(["train", fresh, "--processes", "2"])
-sys.exit(code or main(["train", resumed, "--processes", "2", "--resume", checkpoint, "--set", "optim.shard_states=true"]))
+sys.exit(code or main(["train", resumed, "--processes", "2", "--resume", checkpoint, "--set", "optim.shard_gradients=true"]))
 """
 
 
@@ -167,9 +168,15 @@ def test_two_processes_train_like_one_with_the_whole_batch_and_resume_across_cou
     # 1-process checkpoint); the same weights at step 4, and the states gathered into the checkpoint are the
     # 1-process run's
     sharding = [line for line in proc.stdout.splitlines() if line.startswith("optimizer states sharded")]
-    assert len(sharding) == 1, proc.stdout[-3000:]
+    assert len(sharding) == 1 and "ZeRO stage 2" in sharding[0], proc.stdout[-3000:]
     mine, total = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of the ([\d,]+)", sharding[0])[0])
     assert 0 < mine < total
+    # ZeRO-2: the gradients were sent during backward and dropped where not owned, so process 0 never held
+    # them all (measured on its .grad tensors before each bucket went; unsharded it holds all of them)
+    held = [line for line in proc.stdout.splitlines() if line.startswith("gradients sharded")]
+    assert len(held) == 1, proc.stdout[-3000:]
+    peak, every = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of the ([\d,]+)", held[0])[0])
+    assert every == total and 0 < peak <= 0.75 * total, held[0]
     assert_same(weights(tmp_path / "two_resumed", 4), weights(tmp_path / "one", 4))
     got, want = optimizer_state(tmp_path / "two_resumed", 4), optimizer_state(tmp_path / "one", 4)
     assert got.keys() == want.keys() and len(want) == len(weights(tmp_path / "one", 4))

@@ -325,6 +325,20 @@ def test_validate_refuses_fused_backward_combinations():
     assert check_recipe(r) == []
 
 
+def test_validate_refuses_shard_gradients_with_fp16_or_fused_backward():
+    from tuner.config.schema import Recipe
+
+    r = Recipe()
+    r.optim.shard_gradients = True
+    assert check_recipe(r) == []
+    r.train.mixed_precision = "fp16"
+    (problem,) = check_recipe(r)
+    assert "optim.shard_gradients" in problem and "bf16" in problem
+    r.train.mixed_precision, r.optim.fused_backward, r.train.max_grad_norm = "bf16", True, 0.0
+    (problem,) = check_recipe(r)
+    assert "fused_backward" in problem and "single-process" in problem
+
+
 def test_plan_follows_the_memory_settings():
     from tuner.config.schema import Recipe
 

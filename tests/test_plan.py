@@ -350,6 +350,15 @@ def test_plan_per_process_with_sharded_states():
     assert s_one / 4 <= s_sharded < s_one / 4 + 8 * 23_000_000  # within one large tensor
     assert "sharded over 4 processes" in next(c.note for c in sharded.components if c.name == "optimizer states")
     assert sharded.total_bytes < four.total_bytes
+    # ZeRO-2: the gradients too, at the backward peak and at the optimizer step
+    recipe.optim.shard_gradients = True
+    zero2 = plan_recipe(recipe, family="sd15", processes=4)
+    assert zero2.component("optimizer states") == s_sharded
+    g_sharded, g_zero2 = sharded.component("gradients"), zero2.component("gradients")
+    assert g_zero2 < g_sharded / 2 and g_zero2 >= 4 * 859_520_964 / 4  # at least this process's share
+    assert zero2.total_bytes < sharded.total_bytes
+    recipe.optim.shard_states = False  # shard_gradients implies it
+    assert plan_recipe(recipe, family="sd15", processes=4).total_bytes == zero2.total_bytes
     # several processes average their gradients through a flat bucket at the optimizer step
     step_lora = plan_recipe(_recipe("lora"), family="sd15", processes=2)
     assert step_lora.total_bytes >= plan_recipe(_recipe("lora"), family="sd15").total_bytes

@@ -346,6 +346,14 @@ def _memory_problems(recipe: Recipe) -> list[tuple[str, str]]:
         if t.mixed_precision == "fp16":
             out.append(("optim.fused_backward", f"{why}, but fp16's gradient scaler must unscale every gradient "
                         'before any step: use train.mixed_precision = "bf16" (or "no"), or turn fused_backward off'))
+    if recipe.optim.shard_gradients and t.mixed_precision == "fp16":
+        out.append(("optim.shard_gradients", "optim.shard_gradients = true leaves each process only its share "
+                    "of the gradients, but fp16's gradient scaler checks every gradient for overflow on every "
+                    'process: use train.mixed_precision = "bf16" (or "no"), or turn shard_gradients off'))
+    if recipe.optim.shard_gradients and recipe.optim.fused_backward:
+        out.append(("optim.shard_gradients", "optim.shard_gradients and optim.fused_backward both change what "
+                    "happens to gradients inside backward: fused_backward is single-process only, so turn it "
+                    "off for data-parallel training"))
     return out
 
 

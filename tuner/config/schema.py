@@ -200,6 +200,11 @@ class OptimConfig:
     states of only 1/N of the trained tensors, steps those, and sends the new weights to the others (ZeRO
     stage 1, torch's ``ZeroRedundancyOptimizer``). Same weights as without it; it pays off for full
     fine-tunes, whose AdamW states are 8 bytes per weight. No effect with one process."""
+    shard_gradients: bool = False
+    """ZeRO stage 2: with several processes, also the averaged gradients are split: each process keeps only
+    those of the tensors whose states it owns. They are sent in buckets during backward as they become
+    ready, so the whole set never exists on one process. Implies shard_states; no fp16 (use bf16 or no).
+    Same weights as without it; it pays off for full fine-tunes (4 bytes per trained fp32 weight)."""
     learning_rate: float = 1e-4
     text_encoder_lr: float = 0.0
     """0 = same as learning_rate."""

@@ -101,6 +101,9 @@ class Settings:
     ``batch_size``; the figures are per process."""
     shard_states: bool = False
     """``optim.shard_states``: with several processes each keeps only its share of the optimizer states."""
+    shard_gradients: bool = False
+    """``optim.shard_gradients`` (with ``shard_states``): each process also keeps only its share of the
+    averaged gradients, sent in buckets during backward."""
 
 
 @dataclass
@@ -151,7 +154,9 @@ class Plan:
 
 def settings_from_recipe(recipe: Recipe, native_resolution: int, processes: int = 1) -> Settings:
     t = recipe.train
-    return Settings(processes=processes, shard_states=recipe.optim.shard_states,
+    o = recipe.optim
+    return Settings(processes=processes, shard_states=o.shard_states or o.shard_gradients,
+        shard_gradients=o.shard_gradients,
         resolution=recipe.data.resolution or native_resolution, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, mixed_precision=t.mixed_precision,
         gradient_checkpointing=t.gradient_checkpointing, optimizer=recipe.optim.optimizer,
@@ -314,6 +319,9 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     largest = max((_count([sh]) for sh in all_shapes), default=0)
     sharded = s.processes > 1 and s.shard_states
     shares = state_shares(s.optimizer, list(shapes.values()), s.processes) if sharded else None
+    # ZeRO-2: the gradient elements of the largest share (what one process keeps), else all of them
+    own = (max(_count(part) for part in _partition(list(shapes.values()), s.processes))
+           if sharded and s.shard_gradients else trainable)
     components = [
         Component(
             "frozen weights",
@@ -356,13 +364,15 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
         - sum(_count(shapes[name]) for name in sk.text_encoders if name in full)
     )
     grads_at_peak = largest if fused else moment.gradient_params + other_grads
+    bucket = max(min(GRADIENT_BUCKET, trainable), largest) * 4  # tuner.train.distributed's flat copy
+    if own < trainable:  # ZeRO-2: the owned sums so far, plus at most one bucket not sent yet
+        grads_at_peak = min(grads_at_peak, own + bucket // 4)
     step_temp = optimizer_step_bytes(s.optimizer, shapes, device=device, fused=fused)
     step_note = f"{s.optimizer} step temporaries on {device}"
     if s.processes > 1:
         if shares:  # each process steps its own share
             step_temp = step_temp * max(shares) // max(1, sum(shares))
-        # tuner.train.distributed.sync_gradients averages the gradients bucket by bucket through a flat copy
-        bucket = max(min(GRADIENT_BUCKET, trainable), largest) * 4
+        # tuner.train.distributed averages the gradients bucket by bucket through a flat copy
         step_temp += bucket
         step_note += f" + a {bucket / MB:,.1f} MB gradient bucket (the average over {s.processes} processes)"
     note = f"UNet at {lat}x{lat} latents, batch {batch}" + (
@@ -374,6 +384,8 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
         f"{GRADIENT_BUFFERS} gradient buffers"
         + ("; the recomputed block" if s.gradient_checkpointing else ""),
     )
+    if own < trainable:  # ZeRO-2 sends buckets inside backward, each through a flat copy
+        workspace, ws_note = workspace + bucket, ws_note + "; a gradient bucket's flat copy"
     if fused:  # each tensor is stepped inside backward: its step's temporaries join the walk's peak
         workspace, ws_note = workspace + step_temp, ws_note + "; one fused per-tensor step"
     if not s.cache_latents:
@@ -386,14 +398,16 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
             grads_at_peak * 4,
             "fp32, fused backward: largest tensor only"
             if fused
-            else f"fp32, alive at the peak ({moment.where})",
+            else f"fp32, alive at the peak ({moment.where})"
+            + ("; sharded: at most this process's share and one bucket" if own < trainable else ""),
         ),
         Component("activations", moment.saved, note + f"; alive at the peak ({moment.where})"),
         Component("workspace", workspace, ws_note),
     ]
     # the optimizer step: every gradient at once, activations gone, plus the step's own temporaries
     step = [
-        Component("gradients", trainable * 4, "fp32, all of them (the optimizer step)"),
+        Component("gradients", own * 4, "fp32, all of them (the optimizer step)" if own == trainable
+                  else f"fp32, this process's share of them (the optimizer step, sharded over {s.processes})"),
         Component("activations", 0, note + "; freed by the optimizer step"),
         Component("workspace", step_temp, step_note),
     ]
@@ -467,8 +481,14 @@ def plan_recipe(
 
 def state_shares(name: str, groups: list[list[tuple[int, ...]]], processes: int) -> list[int]:
     """Optimizer state bytes each process keeps under ``optim.shard_states``, for the tensor shapes of each
-    parameter group (torch's ZeroRedundancyOptimizer: group by group, largest tensor first, each to the
-    process holding the fewest values so far, ties to the lowest rank)."""
+    parameter group."""
+    return [optimizer_state_bytes(name, part) for part in _partition(groups, processes)]
+
+
+def _partition(groups: list[list[tuple[int, ...]]], processes: int) -> list[list[tuple[int, ...]]]:
+    """The tensor shapes each process owns under ``optim.shard_states`` (torch's ZeroRedundancyOptimizer:
+    group by group, largest tensor first, each to the process holding the fewest values so far, ties to the
+    lowest rank)."""
     held: list[int] = [0] * processes
     parts: list[list[tuple[int, ...]]] = [[] for _ in range(processes)]
     for group in groups:
@@ -476,7 +496,7 @@ def state_shares(name: str, groups: list[list[tuple[int, ...]]], processes: int)
             rank = held.index(min(held))
             parts[rank].append(shape)
             held[rank] += _count([shape])
-    return [optimizer_state_bytes(name, part) for part in parts]
+    return parts
 
 
 # --- fitting a memory budget ------------------------------------------------------------------------------
@@ -496,6 +516,7 @@ _COST = {
     "mixed_precision": 1,
     "ema_on_cpu": 1,
     "shard_states": 1,
+    "shard_gradients": 2,
     "adamw8bit": 2,
     "fused_backward": 2,
     "adafactor": 3,
@@ -528,7 +549,7 @@ def candidates(
     )
     fusable = method == "dreambooth" and base.processes == 1  # tuner train refuses it with several processes
     out = []
-    for cache, prompt, mp, wd, opt, fused, gc, b, r, ema, shard in itertools.product(
+    for cache, prompt, mp, wd, opt, fused, gc, b, r, ema, shard, grads in itertools.product(
         {base.cache_latents, True} if recipe.data.center_crop else {base.cache_latents},
         prompts,
         precisions,
@@ -540,7 +561,10 @@ def candidates(
         resolutions,
         {base.ema_on_cpu, True} if recipe.train.ema_decay > 0 else {base.ema_on_cpu},
         {base.shard_states, True} if base.processes > 1 else {base.shard_states},
+        {base.shard_gradients, True} if base.processes > 1 else {base.shard_gradients},
     ):
+        if grads and not shard:  # ZeRO-2 shards the states too
+            continue
         accumulation = base.gradient_accumulation * max(1, base.batch_size // b)
         if fused and not base.fused_backward and (accumulation > 1 or mp == "fp16"):
             continue
@@ -558,6 +582,7 @@ def candidates(
             gradient_accumulation=accumulation,
             ema_on_cpu=ema,
             shard_states=shard,
+            shard_gradients=grads,
         )
         cost = (
             _COST["cache_latents"] * (cache != base.cache_latents)
@@ -569,6 +594,7 @@ def candidates(
             + _COST["gradient_checkpointing"] * (gc != base.gradient_checkpointing)
             + _COST["ema_on_cpu"] * (ema != base.ema_on_cpu)
             + _COST["shard_states"] * (shard != base.shard_states)
+            + _COST["shard_gradients"] * (grads != base.shard_gradients)
             + _COST["halve_batch"] * (base.batch_size // b).bit_length() * (b != base.batch_size)
             + _COST["resolution_64"] * (base.resolution - r) // 64
         )
@@ -610,6 +636,7 @@ def changes(before: Settings, after: Settings, max_grad_norm: float = 0.0) -> li
         "fused_backward": "optim.fused_backward",
         "ema_on_cpu": "train.ema_on_cpu",
         "shard_states": "optim.shard_states",
+        "shard_gradients": "optim.shard_gradients",
     }
     out = []
     for name, key in keys.items():
@@ -647,7 +674,7 @@ def format_plan(plan: Plan) -> str:
         f"{' (x2 with prior preservation)' if plan.batch_on_device != s.batch_size else ''}, "
         f"accumulation {s.gradient_accumulation}, mixed_precision {s.mixed_precision}, optimizer {s.optimizer}, "
         f"gradient_checkpointing {str(s.gradient_checkpointing).lower()}, cache_latents {str(s.cache_latents).lower()}"
-        + (f", {s.processes} processes (figures per process)" + (", optimizer states sharded" if s.shard_states else "")
+        + (f", {s.processes} processes (figures per process)" + (", optimizer states" + (" and gradients" if s.shard_gradients else "") + " sharded" if s.shard_states else "")
            if s.processes > 1 else ""),
         "",
         f"| {'component':<18} | {'MB':>10} | note",

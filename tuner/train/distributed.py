@@ -19,12 +19,15 @@ module holds what tuner does with it. The contract, for ``W`` processes with per
 * With ``optim.shard_states`` the optimizer is torch's ``ZeroRedundancyOptimizer`` (ZeRO stage 1): each
   process keeps the states of its share of the tensors; :func:`gather_optimizer_state` collects them on the
   main process before a checkpoint, in the ordinary (unsharded) layout, so any process count resumes it.
+* With ``optim.shard_gradients`` (ZeRO stage 2) :class:`ShardedGradients` replaces the all-reduce: each
+  gradient goes, during backward, to the process that owns its states, and the others drop it.
 
 With ``W = 1`` every function here is the identity, so a single process runs exactly as before.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,6 +95,20 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter], world: int) -> No
         dist.broadcast(p.data, src=0)
 
 
+def owners(params: Sequence[torch.nn.Parameter], owned: set[int], shard: Shard, device: torch.device) -> list[int]:
+    """The rank that owns each of ``params``, from each process's own share (``owned``: ids of its
+    parameters): one all-reduce. Refuses a partition where a tensor has no owner or several."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([id(p) in owned for p in params], dtype=torch.int64, device=device)
+    count, rank = mine.clone(), mine * shard.rank
+    dist.all_reduce(count)
+    dist.all_reduce(rank)
+    if not bool((count == 1).all()):
+        raise RuntimeError(f"the sharded optimizer's partition gives {int((count != 1).sum())} tensors no single owner")
+    return rank.tolist()
+
+
 def sync_gradients(params: Sequence[torch.nn.Parameter], world: int, device: torch.device) -> None:
     """Average ``.grad`` over the processes (sum, divide by ``world``), in place; call after the last
     backward of a step. A parameter without a gradient on some processes counts zeros there, and stays
@@ -108,7 +125,8 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], world: int, device: tor
             p.grad = torch.zeros_like(p)
         if count:
             grads.append(p.grad)
-    for bucket in _buckets(grads):
+    for positions in _buckets(grads):
+        bucket = [grads[i] for i in positions]
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
         flat /= world
@@ -118,23 +136,146 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], world: int, device: tor
             offset += g.numel()
 
 
-def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive gradients of one dtype and device, at most :data:`GRADIENT_BUCKET` elements each (a larger
-    tensor alone)."""
-    out: list[list[torch.Tensor]] = []
+class ShardedGradients:
+    """ZeRO stage 2 (``optim.shard_gradients``): each process keeps only the averaged gradients of the tensors
+    whose optimizer states it owns (``owner``: parameter index -> rank, the sharded optimizer's partition).
+
+    Gradients are reduced during backward, as they become ready, in fixed buckets of parameters (at most
+    ``bucket`` elements each). As in DDP, the first backward pass only records the order in which gradients
+    become ready (and sends everything at its end); the buckets then follow process 0's order, so each fills
+    up quickly. A bucket is sent once all its parameters have their gradient, and buckets go strictly in
+    index order, so every process makes the same calls in the same order whatever order its backward runs
+    in. Each bucket is one ``reduce`` per owner: the owner adds the sum to its own buffer; every process then
+    drops those ``.grad`` tensors, so between buckets only the unsent gradients and the owned sums are alive.
+    :meth:`flush` (after each backward) sends what is left, counting a missing gradient as zeros;
+    :meth:`finish` (once per optimizer step) hands each owner its sums divided by ``world`` as ``.grad``. A
+    tensor no process had a gradient for stays without one (the optimizer skips it, as in one process).
+    Works with gradient accumulation: each micro-batch's gradients are sent and summed into the owned buffers.
+
+    ``peak`` is the most gradient elements this process held at once after the first backward (measured on
+    the ``.grad`` tensors themselves, just before each bucket is sent), against ``total``."""
+
+    def __init__(
+        self, params: Sequence[torch.nn.Parameter], owner: Sequence[int], rank: int, world: int,
+        bucket: int = GRADIENT_BUCKET,
+    ) -> None:
+        self.params, self.owner, self.rank, self.world = list(params), list(owner), rank, world
+        self.total = sum(p.numel() for p in self.params)
+        self.limit = bucket
+        self._lay_out(list(reversed(range(len(self.params)))))
+        self.order: list[int] | None = []  # the first backward's ready order; None once the buckets follow it
+        self.sums: dict[int, torch.Tensor] = {}
+        self.seen: dict[int, bool] = {}  # owned tensors: whether any process had a gradient
+        self.peak = 0
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def _lay_out(self, order: list[int]) -> None:
+        self.buckets = [[order[j] for j in b] for b in _buckets([self.params[i] for i in order], self.limit)]
+        self.bucket_of = {i: b for b, members in enumerate(self.buckets) for i in members}
+        self.ready, self.next = [0] * len(self.buckets), 0
+
+    def _hook(self, index: int):
+        def ready(_: torch.Tensor) -> None:
+            if self.order is not None:
+                self.order.append(index)
+                return
+            b = self.bucket_of[index]
+            self.ready[b] += 1
+            while self.next < len(self.buckets) and self.ready[self.next] == len(self.buckets[self.next]):
+                self._send(self.next)
+                self.next += 1
+
+        return ready
+
+    def flush(self) -> None:
+        """After a backward pass: send the buckets not sent yet (in order), then start over. After the first
+        one, lay the buckets out in the order its gradients became ready on process 0."""
+        import torch.distributed as dist
+
+        while self.next < len(self.buckets):
+            self._send(self.next)
+            self.next += 1
+        self.ready, self.next = [0] * len(self.buckets), 0
+        if self.order is not None:
+            first = dict.fromkeys(self.order)
+            order = list(first) + [i for i in reversed(range(len(self.params))) if i not in first]
+            shared = torch.tensor(order, dtype=torch.int64, device=self.params[0].device)
+            dist.broadcast(shared, src=0)
+            self._lay_out(shared.tolist())
+            self.order = None
+
+    @torch.no_grad()
+    def _send(self, b: int) -> None:
+        import torch.distributed as dist
+
+        members = self.buckets[b]
+        if self.order is None:  # (the first backward holds everything, as without sharding)
+            held = sum(p.grad.numel() for p in self.params if p.grad is not None)
+            self.peak = max(self.peak, held + sum(t.numel() for t in self.sums.values()))
+        for rank in sorted({self.owner[i] for i in members}):
+            mine = [i for i in members if self.owner[i] == rank]
+            # one element per tensor after its values: 1 where this process had a gradient
+            flat = torch.cat([
+                torch.cat([g.reshape(-1), g.new_ones(1)]) if (g := self.params[i].grad) is not None
+                else self.params[i].new_zeros(self.params[i].numel() + 1)
+                for i in mine
+            ])
+            dist.reduce(flat, dst=rank)
+            if rank == self.rank:
+                offset, ends = 0, []
+                for i in mine:
+                    n = self.params[i].numel()
+                    part = flat[offset : offset + n].view_as(self.params[i])
+                    if i in self.sums:
+                        self.sums[i] += part
+                    else:
+                        self.sums[i] = part.clone()
+                    ends.append(offset + n)
+                    offset += n + 1
+                for i, had in zip(mine, (flat[ends] > 0).tolist(), strict=True):  # one device sync
+                    self.seen[i] = self.seen.get(i, False) or had
+            for i in mine:
+                self.params[i].grad = None
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Once per optimizer step, after the last flush: each owned tensor gets its averaged gradient."""
+        for i, total in self.sums.items():
+            self.params[i].grad = total.div_(self.world) if self.seen[i] else None
+        self.sums, self.seen = {}, {}
+
+    def clip(self, bound: float) -> float:
+        """Global gradient norm over every process's share (one all-reduce), and owned gradients scaled down
+        to ``bound`` when above it; the same value on every process."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        device = grads[0].device if grads else self.params[0].device
+        squares = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            squares += g.detach().double().pow(2).sum()
+        dist.all_reduce(squares)
+        norm = float(squares.sqrt())
+        if math.isfinite(norm) and norm > bound:
+            coef = bound / (norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+
+def _buckets(tensors: Sequence[torch.Tensor], limit: int = GRADIENT_BUCKET) -> list[list[int]]:
+    """Positions in ``tensors`` of consecutive runs of one dtype and device, at most ``limit`` elements each
+    (a larger tensor alone)."""
+    out: list[list[int]] = []
     size = 0
-    for g in grads:
-        last = out[-1] if out else None
-        if (
-            last is None
-            or size + g.numel() > GRADIENT_BUCKET
-            or (g.dtype, g.device) != (last[0].dtype, last[0].device)
-        ):
-            out.append([g])
-            size = g.numel()
+    for i, t in enumerate(tensors):
+        last = tensors[out[-1][0]] if out else None
+        if last is None or size + t.numel() > limit or (t.dtype, t.device) != (last.dtype, last.device):
+            out.append([i])
+            size = t.numel()
         else:
-            last.append(g)
-            size += g.numel()
+            out[-1].append(i)
+            size += t.numel()
     return out
 
 
@@ -174,7 +315,8 @@ def check_launch(distributed_type: str, *, world: int, device_spec: str, fused_b
         raise TunerError(
             f"accelerate is configured for {distributed_type}, which tuner does not support yet (its loop calls "
             "the models directly and averages gradients itself). Use a data-parallel config (distributed_type: "
-            "MULTI_GPU, e.g. docs/accelerate/ddp.yaml); to save memory see docs/distributed.md"
+            "MULTI_GPU, e.g. docs/accelerate/ddp.yaml) with optim.shard_states = true for ZeRO stage 1 or "
+            "optim.shard_gradients = true for ZeRO stage 2; the other settings: docs/distributed.md"
         )
     if world > 1 and ":" in device_spec:
         raise TunerError(

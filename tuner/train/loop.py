@@ -163,6 +163,8 @@ def _grad_norm(run: Run) -> float:
     if getattr(run.optimizer, "fused", False):
         return run.optimizer.grad_norm  # measured tensor by tensor in backward (no clipping possible)
     bound = run.recipe.train.max_grad_norm or float("inf")
+    if run.grad_shards is not None:  # each process holds its share: the norm needs all of them
+        return run.grad_shards.clip(bound)
     return float(run.accelerator.clip_grad_norm_(run.params, bound))
 
 
@@ -206,10 +208,15 @@ def train(run: Run, log=print) -> TrainResult:
                     loss_sum += loss.item() / cfg.gradient_accumulation
                     if not (fused and not math.isfinite(loss_sum)):  # fused: backward would step the weights
                         run.accelerator.backward(loss / cfg.gradient_accumulation)
+                        if run.grad_shards is not None:
+                            run.grad_shards.flush()
             loss_sum, stopping = step_totals(loss_sum, stop.signal is not None, shard.world, run.device)
             if stopping and stop.signal is None:
                 stop.signal = "a stop request to another process"
-            sync_gradients(run.params, shard.world, run.device)  # mean over the global batch
+            if run.grad_shards is not None:  # mean over the global batch, each process its share
+                run.grad_shards.finish()
+            else:
+                sync_gradients(run.params, shard.world, run.device)  # mean over the global batch
             norm = _grad_norm(run) if (check_grads or cfg.max_grad_norm > 0) else 0.0
             finite = math.isfinite(loss_sum) and (math.isfinite(norm) or not check_grads)
             if finite:
@@ -253,6 +260,10 @@ def train(run: Run, log=print) -> TrainResult:
                 save(run, step)
                 report.write(step)
     bar.close()
+    if run.grad_shards is not None:
+        held = run.grad_shards
+        log(f"gradients sharded (optim.shard_gradients): process 0 held at most {held.peak:,} of the "
+            f"{held.total:,} gradient elements at once")
     outputs = []
     save(run, step)
     if shard.is_main:

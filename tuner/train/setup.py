@@ -34,7 +34,14 @@ from tuner.optim.memory import (
     to_channels_last,
 )
 from tuner.optim.optimizers import build_optimizer, build_schedule
-from tuner.train.distributed import Shard, broadcast_parameters, check_launch
+from tuner.train.distributed import (
+    GRADIENT_BUCKET,
+    Shard,
+    ShardedGradients,
+    broadcast_parameters,
+    check_launch,
+    owners,
+)
 from tuner.train.ema import Ema
 from tuner.train.methods import METHODS, AdapterSettings, Method
 from tuner.train.tracking import missing_package
@@ -111,6 +118,8 @@ class Run:
     """Frozen components moved off the training device after caching (``vae``, ``text_encoder``)."""
     shard: Shard = Shard()
     """This process's place in data-parallel training (``tuner.train.distributed``); one process by default."""
+    grad_shards: ShardedGradients | None = None
+    """``optim.shard_gradients`` with several processes: the gradient reduction (ZeRO stage 2)."""
     autocast_adapters: list[nn.Module] = field(default_factory=list)
     """The UNet's peft adapter layers when autocast runs: their input casts are skipped inside it
     (``tuner.optim.memory.adapter_input_casts_off``)."""
@@ -389,9 +398,11 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         if is_rows:
             lr = recipe.embedding.learning_rate
         groups.append({"params": params, "lr": lr, "name": component})
-    sharded = opt.shard_states and shard.world > 1  # (fused_backward with several processes is refused above)
-    if opt.shard_states and not sharded:
-        log("NOTE: optim.shard_states has no effect with one process: nothing to share the states with")
+    wanted = opt.shard_states or opt.shard_gradients  # ZeRO-2 shards the states too
+    sharded = wanted and shard.world > 1  # (fused_backward with several processes is refused above)
+    if wanted and not sharded:
+        key = "shard_gradients" if opt.shard_gradients else "shard_states"
+        log(f"NOTE: optim.{key} has no effect with one process: nothing to share the states with")
     make = functools.partial(build_optimizer, opt.optimizer, betas=opt.betas, eps=opt.eps,
                              weight_decay=opt.weight_decay, sharded=sharded)
     # fused: per-tensor steps inside backward (tuner.optim.fused); never wrapped by accelerate, whose
@@ -400,8 +411,18 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     if sharded:
         mine = sum(p.numel() for g in optimizer.optim.param_groups for p in g["params"])
         total = sum(p.numel() for g in groups for p in g["params"])
-        log(f"optimizer states sharded over {shard.world} processes (optim.shard_states, ZeRO stage 1): process 0 "
+        stage = "optim.shard_gradients, ZeRO stage 2: states and gradients" if opt.shard_gradients else (
+            "optim.shard_states, ZeRO stage 1")
+        log(f"optimizer states sharded over {shard.world} processes ({stage}): process 0 "
             f"keeps those of {mine:,} of the {total:,} trained weights")
+    grad_shards = None
+    if sharded and opt.shard_gradients:
+        params = [p for g in groups for p in g["params"]]
+        owned = {id(p) for g in optimizer.optim.param_groups for p in g["params"]}  # this process's share
+        total = sum(p.numel() for p in params)
+        # at least 8 buckets, so that a small job (a LoRA) is sent in parts too
+        grad_shards = ShardedGradients(params, owners(params, owned, shard, device), shard.rank, shard.world,
+                                       bucket=max(1, min(GRADIENT_BUCKET, total // 8)))
     lr_scheduler = build_schedule(
         optimizer, opt.schedule, warmup_steps=opt.warmup_steps, total_steps=recipe.train.steps
     )
@@ -451,5 +472,6 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         class_dataset=class_dataset,
         ema=ema,
         shard=shard,
+        grad_shards=grad_shards,
         autocast_adapters=adapter_layers(base.unet) if accelerator.native_amp else [],
     )
