@@ -29,7 +29,7 @@ from tuner.tiny.evaluate import (
     eval_subject,
     run_eval,
 )
-from tuner.tiny.judge import judge_against
+from tuner.tiny.judge import judge, judge_against
 from tuner.tiny.world import (
     PALETTE,
     PINK_NAME,
@@ -39,6 +39,7 @@ from tuner.tiny.world import (
     Scene,
     caption,
     render,
+    render_array,
     sample_scenes,
     sks_scene,
 )
@@ -74,9 +75,14 @@ def wrong_position(base, prompts, seeds, settings) -> list[Image.Image]:
     return [render(replace(s, position=moved[s.position])) for s in map(scene_from_prompt, prompts)]
 
 
+def lossless_vae(base, scenes):
+    return [render_array(s) for s in scenes]
+
+
 @pytest.fixture
 def model(monkeypatch):
-    """``model(fn)``: make the quality checks "generate" with ``fn``."""
+    """``model(fn)``: make the quality checks "generate" with ``fn`` (and the VAE ceiling a lossless VAE)."""
+    monkeypatch.setattr(evaluate, "vae_round_trip", lossless_vae)
     return lambda fn: monkeypatch.setattr(evaluate, "sample_images", fn)
 
 
@@ -123,6 +129,36 @@ def test_subject_on_the_four_new_backgrounds(model):
         lambda b, prompts, s, st: faithful(b, [p.replace("sks star", "purple star") for p in prompts], s, st)
     )
     assert eval_subject(None, seeds=3).accuracy == {"subject": 0.0, "background": 1.0}
+
+
+def test_the_vae_ceiling_judges_the_target_scenes_after_the_vae(model, monkeypatch):
+    model(faithful)
+    report = eval_subject(None, seeds=2)
+    assert report.ceiling == {"subject": 1.0, "background": 1.0}  # a lossless VAE loses nothing
+    assert list(report.ceiling_by_group) == list(EVAL_BACKGROUNDS)
+    assert "VAE ceiling" in report.format_table()
+    assert eval_prior(None, seeds=1).ceiling == {}  # the class prompt names no single scene
+
+    def loses_small_objects(base, scenes):  # a VAE that decodes small objects as plain background
+        out = [render_array(s) for s in scenes]
+        for scene, a in zip(scenes, out, strict=True):
+            if scene.size == "small":
+                a[:] = PALETTE[scene.background]
+        return out
+
+    monkeypatch.setattr(evaluate, "vae_round_trip", loses_small_objects)
+    report = eval_subject(None, seeds=2)
+    assert report.ceiling == {"subject": 0.5, "background": 1.0}
+    assert report.accuracy == {"subject": 1.0, "background": 1.0}  # the images themselves are untouched
+
+
+def test_vae_round_trip_on_the_tiny_base():
+    from tuner.models.base import load_base
+
+    scenes = [sks_scene("red", "large", "left"), sks_scene("white", "small", "center")]
+    out = evaluate.vae_round_trip(load_base("tiny"), scenes)
+    assert [a.shape for a in out] == [(64, 64, 3)] * 2 and all(a.dtype.name == "uint8" for a in out)
+    assert [judge(a).background for a in out] == ["red", "white"]
 
 
 def test_prior_with_and_without_an_adapter(model):

@@ -366,6 +366,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     grads_at_peak = largest if fused else moment.gradient_params + other_grads
     bucket = max(min(GRADIENT_BUCKET, trainable), largest) * 4  # tuner.train.distributed's flat copy
     if own < trainable:  # ZeRO-2: the owned sums so far, plus at most one bucket not sent yet
+        bucket = max(min(GRADIENT_BUCKET, trainable // 8), largest) * 4  # (its buckets: at least 8 per job)
         grads_at_peak = min(grads_at_peak, own + bucket // 4)
     step_temp = optimizer_step_bytes(s.optimizer, shapes, device=device, fused=fused)
     step_note = f"{s.optimizer} step temporaries on {device}"

@@ -52,6 +52,7 @@ from tuner.tiny.world import (
     SIZES,
     Scene,
     caption,
+    render_array,
     sample_scenes,
     sks_scene,
 )
@@ -98,6 +99,9 @@ class EvalCase:
     seed: int
     expected: dict[str, Expected]
     group: str = ""
+    scene: Scene | None = None
+    """The scene the prompt describes, when there is one (:func:`scene_case`): its rendering, passed
+    through the base's VAE, gives the report's ceiling."""
 
 
 @dataclass
@@ -122,7 +126,10 @@ class EvalReport:
     ``accuracy``: metric -> fraction of images judged right, over all images. ``by_group``: group label ->
     metric -> fraction, for the cases that have a group. ``settings``: the sampler settings (``steps``,
     ``cfg``, ``sampler``, ``width``, ``height``, ``negative``) and ``seeds`` (the distinct seeds used).
-    ``rows``: one :class:`EvalRow` per image, in case order.
+    ``rows``: one :class:`EvalRow` per image, in case order. ``ceiling`` (empty when some case has no
+    scene): metric -> fraction judged right on the VAE's round trip (encode, decode) of each case's target
+    scene, overall and (``ceiling_by_group``) per group: the most a generated latent that encodes the
+    right image could score, since every image is judged after this VAE's decoder.
     """
 
     mode: str
@@ -132,6 +139,8 @@ class EvalReport:
     by_group: dict[str, dict[str, float]]
     settings: dict[str, Any]
     rows: list[EvalRow] = field(default_factory=list)
+    ceiling: dict[str, float] = field(default_factory=dict)
+    ceiling_by_group: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (plain str / int / float / bool / list / dict only)."""
@@ -164,6 +173,11 @@ class EvalReport:
         for g, n, acc in table:
             cells = "  ".join(f"{100.0 * acc[m]:>{w - 1}.1f}%" for m, w in zip(self.metrics, cols))
             lines.append(f"{g:<{width}}  {n:>4}  {cells}")
+        if self.ceiling:
+            lines.append("VAE ceiling (the target scenes through the base's VAE, judged the same way):")
+            for g, acc in [*self.ceiling_by_group.items(), ("all", self.ceiling)]:
+                cells = "  ".join(f"{100.0 * acc[m]:>{w - 1}.1f}%" for m, w in zip(self.metrics, cols))
+                lines.append(f"{g:<{width}}  {'':>4}  {cells}")
         return "\n".join(lines)
 
 
@@ -272,6 +286,18 @@ def evaluate_cases(
 
     groups = list(dict.fromkeys(r.group for r in rows if r.group))
     by_group = {g: accuracy([r for r in rows if r.group == g]) for g in groups}
+    ceiling, ceiling_by_group = {}, {}
+    if all(c.scene is not None for c in cases):
+        right = [
+            {m: getattr(j, METRIC_FIELDS[m]) == c.expected[m] for m in metrics}
+            for c, j in zip(cases, map(judge, vae_round_trip(base, [c.scene for c in cases])), strict=True)
+        ]
+
+        def share(picked: list[int]) -> dict[str, float]:
+            return {m: float(np.mean([right[i][m] for i in picked])) for m in metrics}
+
+        ceiling = share(list(range(len(cases))))
+        ceiling_by_group = {g: share([i for i, c in enumerate(cases) if c.group == g]) for g in groups}
     summary = {
         "steps": settings.steps,
         "cfg": settings.cfg,
@@ -281,7 +307,25 @@ def evaluate_cases(
         "negative": settings.negative,
         "seeds": sorted({c.seed for c in cases}),
     }
-    return EvalReport(mode, len(rows), metrics, accuracy(rows), by_group, summary, rows)
+    return EvalReport(mode, len(rows), metrics, accuracy(rows), by_group, summary, rows, ceiling, ceiling_by_group)
+
+
+def vae_round_trip(base: BaseModel, scenes: Sequence[Scene]) -> list[np.ndarray]:
+    """Each scene rendered, encoded by the base's VAE (the latent distribution's mean) and decoded, as
+    uint8 RGB arrays: what the best possible latent for that image looks like after decoding."""
+    import torch
+
+    vae = base.vae
+    first = next(vae.parameters())
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(scenes), 16):
+            pixels = np.stack([render_array(s) for s in scenes[start : start + 16]])
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(first.device, first.dtype) / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+            y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            out.extend(y.numpy())
+    return out
 
 
 def scene_case(
@@ -301,7 +345,7 @@ def scene_case(
         "subject": scene.subject is not None,
     }
     text = prompt if prompt is not None else caption(scene, drop_size=False, drop_position=False)
-    return EvalCase(text, seed, {m: values[m] for m in metrics}, group)
+    return EvalCase(text, seed, {m: values[m] for m in metrics}, group, scene)
 
 
 def _check_count(name: str, value: int) -> None:
