@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="plan for this family's architecture (tiny, sd15, sd2, sd2v, sdxl), not the base")
     p.add_argument("--processes", type=_positive_int, default=1, metavar="N",
                    help="data-parallel processes, as for tuner train (figures per process; with "
-                        "optim.shard_states each keeps its share of the optimizer states)")
+                        "optim.shard_states each keeps its share of the optimizer states, with "
+                        "optim.shard_gradients its share of the gradients too)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 

@@ -244,6 +244,12 @@ class ShardedGradients:
             self.params[i].grad = total.div_(self.world) if self.seen[i] else None
         self.sums, self.seen = {}, {}
 
+    def close(self) -> None:
+        """Remove the hooks (after training: a later backward pass, e.g. a caller's, sends nothing)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
     def clip(self, bound: float) -> float:
         """Global gradient norm over every process's share (one all-reduce), and owned gradients scaled down
         to ``bound`` when above it; the same value on every process."""

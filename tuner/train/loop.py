@@ -262,6 +262,7 @@ def train(run: Run, log=print) -> TrainResult:
     bar.close()
     if run.grad_shards is not None:
         held = run.grad_shards
+        held.close()
         log(f"gradients sharded (optim.shard_gradients): process 0 held at most {held.peak:,} of the "
             f"{held.total:,} gradient elements at once")
     outputs = []
