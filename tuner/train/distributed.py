@@ -141,46 +141,66 @@ class ShardedGradients:
     whose optimizer states it owns (``owner``: parameter index -> rank, the sharded optimizer's partition).
 
     Gradients are reduced during backward, as they become ready, in fixed buckets of parameters (at most
-    ``bucket`` elements each). As in DDP, the first backward pass only records the order in which gradients
-    become ready (and sends everything at its end); the buckets then follow process 0's order, so each fills
-    up quickly. A bucket is sent once all its parameters have their gradient, and buckets go strictly in
-    index order, so every process makes the same calls in the same order whatever order its backward runs
-    in. Each bucket is one ``reduce`` per owner: the owner adds the sum to its own buffer; every process then
-    drops those ``.grad`` tensors, so between buckets only the unsent gradients and the owned sums are alive.
-    :meth:`flush` (after each backward) sends what is left, counting a missing gradient as zeros;
-    :meth:`finish` (once per optimizer step) hands each owner its sums divided by ``world`` as ``.grad``. A
-    tensor no process had a gradient for stays without one (the optimizer skips it, as in one process).
-    Works with gradient accumulation: each micro-batch's gradients are sent and summed into the owned buffers.
+    ``bucket`` elements each). Backward makes gradients ready in about the reverse of the order the forward
+    pass used the weights, so the buckets are laid out in that order: hooks on ``modules`` (the trained
+    modules) record the first forward pass's order, and at the first gradient process 0's order is
+    broadcast, so every process has the same buckets. A bucket is sent once all its parameters have their
+    gradient, and buckets go strictly in index order, so every process makes the same calls in the same
+    order whatever order its backward runs in. Each bucket is one ``reduce`` per owner: the owner adds the
+    sum to its own buffer; every process then drops those ``.grad`` tensors, so between buckets only the
+    unsent gradients and the owned sums are alive. :meth:`flush` (after each backward) sends what is left,
+    counting a missing gradient as zeros; :meth:`finish` (once per optimizer step) hands each owner its sums
+    divided by ``world`` as ``.grad``. A tensor no process had a gradient for stays without one (the
+    optimizer skips it, as in one process). Works with gradient accumulation: each micro-batch's gradients
+    are sent and summed into the owned buffers.
 
-    ``peak`` is the most gradient elements this process held at once after the first backward (measured on
-    the ``.grad`` tensors themselves, just before each bucket is sent), against ``total``."""
+    ``peak`` is the most gradient elements this process held at once (measured on the ``.grad`` tensors
+    themselves, just before each bucket is sent), against ``total``."""
 
     def __init__(
         self, params: Sequence[torch.nn.Parameter], owner: Sequence[int], rank: int, world: int,
-        bucket: int = GRADIENT_BUCKET,
+        modules: Sequence[torch.nn.Module], bucket: int = GRADIENT_BUCKET,
     ) -> None:
         self.params, self.owner, self.rank, self.world = list(params), list(owner), rank, world
         self.total = sum(p.numel() for p in self.params)
         self.limit = bucket
-        self._lay_out(list(reversed(range(len(self.params)))))
-        self.order: list[int] | None = []  # the first backward's ready order; None once the buckets follow it
+        self.buckets: list[list[int]] = []  # laid out at the first gradient
+        self.used: dict[int, None] = {}  # parameter indices in the order the first forward pass used them
         self.sums: dict[int, torch.Tensor] = {}
         self.seen: dict[int, bool] = {}  # owned tensors: whether any process had a gradient
         self.peak = 0
+        index = {id(p): i for i, p in enumerate(self.params)}
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        for module in modules:
+            for m in module.modules():
+                mine = [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]
+                if mine:
+                    self.hooks.append(m.register_forward_pre_hook(self._record(mine)))
 
-    def _lay_out(self, order: list[int]) -> None:
+    def _record(self, indices: list[int]):
+        def used(*_) -> None:
+            if not self.buckets:
+                self.used.update(dict.fromkeys(indices))
+
+        return used
+
+    def _lay_out(self) -> None:
+        """Buckets in the reverse of the forward pass's order (tensors it never saw last), process 0's."""
+        import torch.distributed as dist
+
+        order = list(reversed(self.used)) + [i for i in reversed(range(len(self.params))) if i not in self.used]
+        shared = torch.tensor(order, dtype=torch.int64, device=self.params[0].device)
+        dist.broadcast(shared, src=0)
+        order = shared.tolist()
         self.buckets = [[order[j] for j in b] for b in _buckets([self.params[i] for i in order], self.limit)]
         self.bucket_of = {i: b for b, members in enumerate(self.buckets) for i in members}
         self.ready, self.next = [0] * len(self.buckets), 0
 
     def _hook(self, index: int):
         def ready(_: torch.Tensor) -> None:
-            if self.order is not None:
-                self.order.append(index)
-                return
-            b = self.bucket_of[index]
-            self.ready[b] += 1
+            if not self.buckets:
+                self._lay_out()
+            self.ready[self.bucket_of[index]] += 1
             while self.next < len(self.buckets) and self.ready[self.next] == len(self.buckets[self.next]):
                 self._send(self.next)
                 self.next += 1
@@ -188,30 +208,21 @@ class ShardedGradients:
         return ready
 
     def flush(self) -> None:
-        """After a backward pass: send the buckets not sent yet (in order), then start over. After the first
-        one, lay the buckets out in the order its gradients became ready on process 0."""
-        import torch.distributed as dist
-
+        """After a backward pass: send the buckets not sent yet (in order), then start over."""
+        if not self.buckets:  # no gradient here at all this time: still take part in the layout
+            self._lay_out()
         while self.next < len(self.buckets):
             self._send(self.next)
             self.next += 1
         self.ready, self.next = [0] * len(self.buckets), 0
-        if self.order is not None:
-            first = dict.fromkeys(self.order)
-            order = list(first) + [i for i in reversed(range(len(self.params))) if i not in first]
-            shared = torch.tensor(order, dtype=torch.int64, device=self.params[0].device)
-            dist.broadcast(shared, src=0)
-            self._lay_out(shared.tolist())
-            self.order = None
 
     @torch.no_grad()
     def _send(self, b: int) -> None:
         import torch.distributed as dist
 
         members = self.buckets[b]
-        if self.order is None:  # (the first backward holds everything, as without sharding)
-            held = sum(p.grad.numel() for p in self.params if p.grad is not None)
-            self.peak = max(self.peak, held + sum(t.numel() for t in self.sums.values()))
+        held = sum(p.grad.numel() for p in self.params if p.grad is not None)
+        self.peak = max(self.peak, held + sum(t.numel() for t in self.sums.values()))
         for rank in sorted({self.owner[i] for i in members}):
             mine = [i for i in members if self.owner[i] == rank]
             # one element per tensor after its values: 1 where this process had a gradient

@@ -422,7 +422,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         total = sum(p.numel() for p in params)
         # at least 8 buckets, so that a small job (a LoRA) is sent in parts too
         grad_shards = ShardedGradients(params, owners(params, owned, shard, device), shard.rank, shard.world,
-                                       bucket=max(1, min(GRADIENT_BUCKET, total // 8)))
+                                       list(trained.values()), bucket=max(1, min(GRADIENT_BUCKET, total // 8)))
     lr_scheduler = build_schedule(
         optimizer, opt.schedule, warmup_steps=opt.warmup_steps, total_steps=recipe.train.steps
     )
