@@ -58,16 +58,19 @@ save_dtype = "fp32"
 """
 
 # Each worker runs two `tuner train --processes 2` command lines in turn (one launch, to keep the test short):
-# a fresh run, and a run resumed from the checkpoint a 1-process run saved, with the optimizer's states and
-# the gradients sharded between the processes (optim.shard_gradients, ZeRO-2, which implies ZeRO-1's
-# shard_states).
+# a fresh run, and a run resumed from the checkpoint a 1-process run saved, with everything sharded between
+# the processes: the optimizer's states and the gradients (optim.shard_gradients, ZeRO-2, which implies
+# ZeRO-1's shard_states) and the frozen UNet weights (train.shard_frozen), with a preview (which then every
+# process samples).
 DRIVER = """
 import sys
 from tuner.cli import main
 
 fresh, resumed, checkpoint = sys.argv[1:]
 code = main(["train", fresh, "--processes", "2"])
-sys.exit(code or main(["train", resumed, "--processes", "2", "--resume", checkpoint, "--set", "optim.shard_gradients=true"]))
+sys.exit(code or main(["train", resumed, "--processes", "2", "--resume", checkpoint, "--set", "optim.shard_gradients=true",
+                      "--set", "train.shard_frozen=true", "--set", "preview.every=2",
+                      "--set", 'preview.prompts=["a white circle"]', "--set", "preview.steps=2"]))
 """
 
 
@@ -177,6 +180,13 @@ def test_two_processes_train_like_one_with_the_whole_batch_and_resume_across_cou
     assert len(held) == 1, proc.stdout[-3000:]
     peak, every = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of the ([\d,]+)", held[0])[0])
     assert every == total and 0 < peak <= 0.75 * total, held[0]
+    # the frozen UNet weights: process 0 kept half of them (and the last part's padding); the run's preview
+    # (sampled by both processes, each layer gathering its weight) was written once, by process 0
+    frozen = [line for line in proc.stdout.splitlines() if line.startswith("frozen UNet weights sharded")]
+    assert len(frozen) == 1, proc.stdout[-3000:]
+    kept, whole = (int(n.replace(",", "")) for n in re.findall(r"keeps ([\d,]+) of their ([\d,]+)", frozen[0])[0])
+    assert whole > 5_000_000 and whole / 2 <= kept <= whole / 2 + 1000, frozen[0]
+    assert (tmp_path / "two_resumed" / "previews" / "step_000004.png").is_file()
     assert_same(weights(tmp_path / "two_resumed", 4), weights(tmp_path / "one", 4))
     got, want = optimizer_state(tmp_path / "two_resumed", 4), optimizer_state(tmp_path / "one", 4)
     assert got.keys() == want.keys() and len(want) == len(weights(tmp_path / "one", 4))

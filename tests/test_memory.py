@@ -424,6 +424,44 @@ def test_narrow_frozen_weights_compute_like_their_widened_copy(name):
     assert kept_ref - kept >= weights * (4 - STORAGE[name].itemsize) - 4 * 8 * 2  # only narrow copies kept
 
 
+@pytest.mark.parametrize("name", ["fp32", "fp8"])
+def test_sharded_frozen_weights_are_the_parts_of_the_stored_weight(name):
+    """train.shard_frozen's split (the gather itself runs in tests/test_distributed.py): the parts that
+    processes 0..2 keep are the single process's stored weight, flattened, in order, the last one padded."""
+    import copy
+
+    from tuner.optim.memory import STORAGE, store_frozen
+
+    dtype = STORAGE.get(name, torch.float32)
+    net = _frozen_net()
+    whole = copy.deepcopy(net)
+    count = store_frozen(whole, dtype)
+    parts = []
+    for rank in range(3):
+        part = copy.deepcopy(net)
+        assert store_frozen(part, dtype, rank=rank, world=3) == count  # counts whole weights
+        parts.append(part)
+    for i in (0, 2, 4):
+        shard = parts[0][i].weight_shard
+        assert shard.shape == tuple(net[i].weight.shape) and whole[i].weight_shard is None
+        n = -(-net[i].weight.numel() // 3)
+        assert all(p[i].weight.shape == (n,) and p[i].weight.dtype == dtype for p in parts)
+        joined = torch.cat([p[i].weight.view(torch.uint8) for p in parts])
+        assert torch.equal(joined[: whole[i].weight.numel() * dtype.itemsize], whole[i].weight.reshape(-1).view(torch.uint8))
+        assert not joined[whole[i].weight.numel() * dtype.itemsize :].any()  # zero padding
+
+
+def test_validate_refuses_shard_frozen_for_dreambooth():
+    from tuner.config.schema import Recipe
+
+    r = Recipe()
+    r.train.shard_frozen = True
+    assert check_recipe(r) == []
+    r.adapter.method = "dreambooth"
+    (problem,) = check_recipe(r)
+    assert "train.shard_frozen" in problem and "optim.shard_gradients" in problem
+
+
 @pytest.mark.parametrize("name", ["bf16", "fp8"])
 def test_training_with_narrow_frozen_weights(circles, tmp_path, name):
     from tuner.optim.memory import STORAGE, StoredLinear

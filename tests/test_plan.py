@@ -364,6 +364,21 @@ def test_plan_per_process_with_sharded_states():
     assert step_lora.total_bytes >= plan_recipe(_recipe("lora"), family="sd15").total_bytes
 
 
+def test_plan_per_process_with_sharded_frozen_weights():
+    recipe = _recipe("lora", mixed_precision="bf16")
+    plain = plan_recipe(recipe, family="sd15", processes=2)
+    recipe.train.shard_frozen = True
+    split = plan_recipe(recipe, family="sd15", processes=2)
+    unet_linear_conv = 2 * 858_000_000  # bf16 bytes of the UNet's Linear/Conv2d weights (of 859.5M)
+    saved = plain.component("frozen weights") - split.component("frozen weights")
+    assert unet_linear_conv / 2 * 0.99 < saved < 2 * 859_520_964 / 2
+    assert split.component("workspace") > plain.component("workspace")  # one layer's gathered weight
+    assert "split over 2 processes" in next(c.note for c in split.components if c.name == "frozen weights")
+    one_split = plan_recipe(recipe, family="sd15")  # one process: nothing to split with
+    recipe.train.shard_frozen = False
+    assert one_split.total_bytes == plan_recipe(recipe, family="sd15").total_bytes
+
+
 def test_fit_for_several_processes_shards_instead_of_fusing(capsys):
     """tuner train refuses the fused backward with several processes; sharding the states is the cheap
     change instead, and the CLI says so."""

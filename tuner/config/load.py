@@ -350,6 +350,10 @@ def _memory_problems(recipe: Recipe) -> list[tuple[str, str]]:
         out.append(("optim.shard_gradients", "optim.shard_gradients = true leaves each process only its share "
                     "of the gradients, but fp16's gradient scaler checks every gradient for overflow on every "
                     'process: use train.mixed_precision = "bf16" (or "no"), or turn shard_gradients off'))
+    if t.shard_frozen and recipe.adapter.method == "dreambooth":
+        out.append(("train.shard_frozen", "train.shard_frozen = true splits the frozen UNet weights, but a "
+                    "DreamBooth fine-tune trains them all: use optim.shard_gradients = true (ZeRO-2) to split its "
+                    "gradients and optimizer states instead"))
     if recipe.optim.shard_gradients and recipe.optim.fused_backward:
         out.append(("optim.shard_gradients", "optim.shard_gradients and optim.fused_backward both change what "
                     "happens to gradients inside backward: fused_backward is single-process only, so turn it "

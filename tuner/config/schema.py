@@ -149,6 +149,12 @@ class TrainConfig:
     the UNet and text encoders narrower than they compute (fp32, or the autocast dtype): each layer widens its
     weight for its own matmul only. bf16 halves fp32 storage (rounding to 8 mantissa bits); fp8 (e4m3, one
     scale per output channel) quarters it, like kohya's ``--fp8_base``. Trained tensors are fp32 either way."""
+    shard_frozen: bool = False
+    """With several processes: each keeps only 1/N of every frozen Linear/Conv2d weight of the UNet and gathers
+    a layer's whole weight from the others for its own matmul, forward and backward (what FSDP's FULL_SHARD
+    / ZeRO stage 3 do, for the weights that do not train). For adapter methods (LoRA, pivotal, textual
+    inversion), where the frozen UNet is most of the memory; combines with weight_dtype. Costs two gathers
+    per layer per step. Previews then run on every process (only the main one writes them)."""
     gradient_checkpointing: bool = False
     """Recompute each UNet block in backward instead of keeping its activations (about 1/3 more compute)."""
     attention: Literal["sdpa", "eager"] = "sdpa"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -115,8 +117,34 @@ FP8_MAX = 448.0
 """Largest finite float8_e4m3fn value: fp8 weights are scaled per output channel to use its whole range."""
 
 
-def _restore(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    w = weight.to(dtype)
+@dataclass(frozen=True)
+class WeightShard:
+    """A frozen weight split between the data-parallel processes (``train.shard_frozen``): this process
+    keeps elements ``rank*n .. (rank+1)*n`` of the flattened weight, zero-padded to ``world*n``; the whole
+    ``shape`` is gathered from every process for each use."""
+
+    rank: int
+    world: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def gather(self, part: torch.Tensor) -> torch.Tensor:
+        """The whole weight from every process's part: a collective, every process must call it in turn."""
+        import torch.distributed as dist
+
+        raw = part.contiguous().view(torch.uint8)  # as bytes: not every backend takes bf16 or fp8
+        parts = [torch.empty_like(raw) for _ in range(self.world)]
+        dist.all_gather(parts, raw)
+        return torch.cat(parts).view(part.dtype)[: self.numel].view(self.shape)
+
+
+def _restore(
+    weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, shard: WeightShard | None = None
+) -> torch.Tensor:
+    w = (shard.gather(weight) if shard is not None else weight).to(dtype)
     return w if scale is None else w * scale.to(dtype)
 
 
@@ -130,41 +158,43 @@ class _StoredLinearFn(torch.autograd.Function):
     only the stored (narrow) weight is kept for the gradient of the input."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias):
+    def forward(ctx, x, weight, scale, bias, shard):
         ctx.save_for_backward(weight, scale)
-        return F.linear(x, _restore(weight, scale, _compute_dtype(x)), bias)
+        ctx.shard = shard
+        return F.linear(x, _restore(weight, scale, _compute_dtype(x), shard), bias)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
         with torch.autocast(grad.device.type, enabled=False):
-            return grad @ _restore(weight, scale, grad.dtype), None, None, None
+            return grad @ _restore(weight, scale, grad.dtype, ctx.shard), None, None, None, None
 
 
 class _StoredConv2dFn(torch.autograd.Function):
     """``F.conv2d`` with a frozen low-precision weight (see :class:`_StoredLinearFn`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, scale, bias, shard, stride, padding, dilation, groups):
         ctx.save_for_backward(weight, scale)
-        ctx.conv = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, _restore(weight, scale, _compute_dtype(x)), bias, stride, padding, dilation, groups)
+        ctx.conv, ctx.shard = (x.shape, stride, padding, dilation, groups), shard
+        w = _restore(weight, scale, _compute_dtype(x), shard)
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conv
         with torch.autocast(grad.device.type, enabled=False):
-            w = _restore(weight, scale, grad.dtype)
+            w = _restore(weight, scale, grad.dtype, ctx.shard)
             grad_x = torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, groups)
-        return grad_x, None, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None, None
 
 
 class StoredLinear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight is stored narrow (:func:`store_frozen`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _StoredLinearFn.apply(x, self.weight, self.weight_scale, self.bias)
+        return _StoredLinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.weight_shard)
 
 
 class StoredConv2d(nn.Conv2d):
@@ -172,7 +202,8 @@ class StoredConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _StoredConv2dFn.apply(
-            x, self.weight, self.weight_scale, self.bias, self.stride, self.padding, self.dilation, self.groups
+            x, self.weight, self.weight_scale, self.bias, self.weight_shard, self.stride, self.padding,
+            self.dilation, self.groups,
         )
 
 
@@ -200,14 +231,19 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
+def store_frozen(module: nn.Module, dtype: torch.dtype, *, rank: int = 0, world: int = 1) -> int:
     """Store the weight of every frozen ``nn.Linear``/``nn.Conv2d`` inside ``module`` as ``dtype`` (bf16 or
-    float8_e4m3fn), computed at the input's dtype (or autocast's): each layer widens its weight for its own
-    matmul only, so the model holds the narrow copy and one layer's wide copy at a time. fp8 weights carry
-    an fp32 scale per output channel (absmax / 448). Biases, norms and embeddings keep their dtype (they are
-    copied, so that no tensor keeps a checkpoint's file mapping, and its wide pages, alive); trained weights
-    (LoRA factors, a fully trained UNet) are not touched. Returns the number of weights stored.
-    :func:`restore_frozen` undoes it (before writing the model)."""
+    float8_e4m3fn, or the weight's own dtype), computed at the input's dtype (or autocast's): each layer widens
+    its weight for its own matmul only, so the model holds the narrow copy and one layer's wide copy at a
+    time. fp8 weights carry an fp32 scale per output channel (absmax / 448). Biases, norms and embeddings keep
+    their dtype (they are copied, so that no tensor keeps a checkpoint's file mapping, and its wide pages,
+    alive); trained weights (LoRA factors, a fully trained UNet) are not touched. Returns the number of
+    weights stored.
+
+    ``world > 1`` (``train.shard_frozen``): this process keeps only its ``1/world`` part of each stored weight
+    (:class:`WeightShard`), and every forward and backward pass gathers the whole weight from the others, so
+    every process must run the same passes in the same order. :func:`restore_frozen` undoes it (before writing
+    the model; with shards it is a collective too)."""
     count = 0
     with torch.no_grad():
         for layer in module.modules():
@@ -220,12 +256,18 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
             if dtype == torch.float8_e4m3fn:
                 scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / FP8_MAX
                 w = w / scale
-            layer.weight.data = w.to(dtype)
+            shard = None
+            if world > 1:  # this process's part of the flattened weight (the last part zero-padded)
+                shard = WeightShard(rank, world, tuple(w.shape))
+                n = -(-w.numel() // world)
+                w = F.pad(w.reshape(-1), (0, n * world - w.numel()))[rank * n : (rank + 1) * n]
+            layer.weight.data = w.to(dtype).clone() if shard is not None else w.to(dtype)
+            layer.weight_shard = shard
             del w
             _page_out(wide)  # read from a checkpoint's file mapping: its pages need not stay resident
             layer.register_buffer("weight_scale", scale, persistent=False)
             layer.__class__ = _STORED[type(layer)]
-            count += layer.weight.numel()
+            count += shard.numel if shard is not None else layer.weight.numel()
         if count:  # loaded weights may be views of the checkpoint's file mapping, which stays resident while any
             for layer in module.modules():  # tensor still points into it: copy the rest out, the mapping goes
                 for name, p in layer.named_parameters(recurse=False):
@@ -292,8 +334,8 @@ def restore_frozen(module: nn.Module) -> int:
         for layer in module.modules():
             if type(layer) not in plain:
                 continue
-            layer.weight.data = _restore(layer.weight.data, layer.weight_scale, layer.wide_dtype)
-            del layer._buffers["weight_scale"], layer.wide_dtype
+            layer.weight.data = _restore(layer.weight.data, layer.weight_scale, layer.wide_dtype, layer.weight_shard)
+            del layer._buffers["weight_scale"], layer.wide_dtype, layer.weight_shard
             layer.__class__ = plain[type(layer)]
             count += layer.weight.numel()
     return count

@@ -43,6 +43,7 @@ from tuner.plan.activations import (
 from tuner.plan.skeleton import (
     Skeleton,
     build_skeleton,
+    largest_narrow_weight,
     lora_tensor_sizes,
     narrow_weights,
     param_count,
@@ -101,6 +102,9 @@ class Settings:
     ``batch_size``; the figures are per process."""
     shard_states: bool = False
     """``optim.shard_states``: with several processes each keeps only its share of the optimizer states."""
+    shard_frozen: bool = False
+    """``train.shard_frozen``: with several processes each keeps 1/N of the frozen UNet Linear/Conv2d
+    weights and gathers one layer's whole weight at a time."""
     shard_gradients: bool = False
     """``optim.shard_gradients`` (with ``shard_states``): each process also keeps only its share of the
     averaged gradients, sent in buckets during backward."""
@@ -156,7 +160,7 @@ def settings_from_recipe(recipe: Recipe, native_resolution: int, processes: int 
     t = recipe.train
     o = recipe.optim
     return Settings(processes=processes, shard_states=o.shard_states or o.shard_gradients,
-        shard_gradients=o.shard_gradients,
+        shard_gradients=o.shard_gradients, shard_frozen=t.shard_frozen,
         resolution=recipe.data.resolution or native_resolution, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, mixed_precision=t.mixed_precision,
         gradient_checkpointing=t.gradient_checkpointing, optimizer=recipe.optim.optimizer,
@@ -314,6 +318,11 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
             if name not in full and name != "vae":
                 weights, channels = narrow_weights(m)
                 frozen_bytes -= weights * (frozen_b - narrow_b) - (4 * channels if s.weight_dtype == "fp8" else 0)
+    gather = 0  # train.shard_frozen: one layer's whole weight, gathered (stored dtype) and widened
+    if s.shard_frozen and s.processes > 1 and "unet" in resident and "unet" not in full:
+        weights, _ = narrow_weights(resident["unet"])
+        frozen_bytes -= weights * min(narrow_b, frozen_b) * (s.processes - 1) // s.processes
+        gather = largest_narrow_weight(resident["unet"]) * (min(narrow_b, frozen_b) + frozen_b)
     fused = s.fused_backward
     all_shapes = _flat(shapes)
     largest = max((_count([sh]) for sh in all_shapes), default=0)
@@ -329,6 +338,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
             f"{frozen / 1e6:,.1f}M params ({', '.join(n for n in resident if n not in full)}) "
             f"at {frozen_b} bytes" + (" (VAE at 4)" if vae_fp32 else "")
             + (f", Linear/Conv2d weights at {narrow_b}" if narrow_b < frozen_b else "")
+            + (f", the UNet's split over {s.processes} processes" if gather else "")
             if frozen
             else "none on the device (cached components moved off it)",
         ),
@@ -385,6 +395,8 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
         f"{GRADIENT_BUFFERS} gradient buffers"
         + ("; the recomputed block" if s.gradient_checkpointing else ""),
     )
+    if gather:
+        workspace, ws_note = workspace + gather, ws_note + "; the largest frozen layer's gathered weight"
     if own < trainable:  # ZeRO-2 sends buckets inside backward, each through a flat copy
         workspace, ws_note = workspace + bucket, ws_note + "; a gradient bucket's flat copy"
     if fused:  # each tensor is stepped inside backward: its step's temporaries join the walk's peak
@@ -518,6 +530,7 @@ _COST = {
     "ema_on_cpu": 1,
     "shard_states": 1,
     "shard_gradients": 2,
+    "shard_frozen": 2,
     "adamw8bit": 2,
     "fused_backward": 2,
     "adafactor": 3,
@@ -550,7 +563,7 @@ def candidates(
     )
     fusable = method == "dreambooth" and base.processes == 1  # tuner train refuses it with several processes
     out = []
-    for cache, prompt, mp, wd, opt, fused, gc, b, r, ema, shard, grads in itertools.product(
+    for cache, prompt, mp, wd, opt, fused, gc, b, r, ema, shard, grads, split in itertools.product(
         {base.cache_latents, True} if recipe.data.center_crop else {base.cache_latents},
         prompts,
         precisions,
@@ -563,6 +576,7 @@ def candidates(
         {base.ema_on_cpu, True} if recipe.train.ema_decay > 0 else {base.ema_on_cpu},
         {base.shard_states, True} if base.processes > 1 else {base.shard_states},
         {base.shard_gradients, True} if base.processes > 1 else {base.shard_gradients},
+        {base.shard_frozen, True} if base.processes > 1 and method != "dreambooth" else {base.shard_frozen},
     ):
         if grads and not shard:  # ZeRO-2 shards the states too
             continue
@@ -584,6 +598,7 @@ def candidates(
             ema_on_cpu=ema,
             shard_states=shard,
             shard_gradients=grads,
+            shard_frozen=split,
         )
         cost = (
             _COST["cache_latents"] * (cache != base.cache_latents)
@@ -596,6 +611,7 @@ def candidates(
             + _COST["ema_on_cpu"] * (ema != base.ema_on_cpu)
             + _COST["shard_states"] * (shard != base.shard_states)
             + _COST["shard_gradients"] * (grads != base.shard_gradients)
+            + _COST["shard_frozen"] * (split != base.shard_frozen)
             + _COST["halve_batch"] * (base.batch_size // b).bit_length() * (b != base.batch_size)
             + _COST["resolution_64"] * (base.resolution - r) // 64
         )
@@ -638,6 +654,7 @@ def changes(before: Settings, after: Settings, max_grad_norm: float = 0.0) -> li
         "ema_on_cpu": "train.ema_on_cpu",
         "shard_states": "optim.shard_states",
         "shard_gradients": "optim.shard_gradients",
+        "shard_frozen": "train.shard_frozen",
     }
     out = []
     for name, key in keys.items():

@@ -120,6 +120,11 @@ def narrow_weights(module: nn.Module) -> tuple[int, int]:
     return sum(m.weight.numel() for m in layers), sum(m.weight.shape[0] for m in layers)
 
 
+def largest_narrow_weight(module: nn.Module) -> int:
+    """Elements of the largest weight :func:`narrow_weights` counts (0 when none)."""
+    return max((m.weight.numel() for m in module.modules() if storable(m)), default=0)
+
+
 def lora_tensor_sizes(model: nn.Module, plan: dict[str, tuple[int, float]]) -> list[int]:
     """Element counts of the ``lora_A``/``lora_B`` tensors peft creates for ``plan`` (path -> (rank,
     alpha)): Linear and 1x1 conv ``r*(in + out)``; a kxk conv ``r*in*k*k`` (down, kxk) + ``r*out`` (up, 1x1)."""

@@ -296,8 +296,9 @@ WRITERS = {"lora": write_lora, "embedding": write_embeddings, "model": write_mod
 
 
 @torch.no_grad()
-def write_preview(run: Run, step: int) -> Path:
-    """Sample the preview prompts with the adapter live (unmerged) and save a grid for this step."""
+def write_preview(run: Run, step: int, *, write: bool = True) -> Path:
+    """Sample the preview prompts with the adapter live (unmerged) and save a grid for this step (``write``
+    false: sample only, as the other processes do when the frozen weights are sharded between them)."""
     p = run.recipe.preview
     for module in run.trained.values():
         module.eval()
@@ -310,6 +311,8 @@ def write_preview(run: Run, step: int) -> Path:
         for module in run.trained.values():
             module.train()
     path = run.out_dir / "previews" / f"step_{step:06d}.png"
+    if not write:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid(images, cols=len(images)), path, parameters=f"preview at step {step}: " + " | ".join(p.prompts))
     return path

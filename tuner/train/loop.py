@@ -250,10 +250,14 @@ def train(run: Run, log=print) -> TrainResult:
                     f"{stop.signal} at step {step}/{cfg.steps}: checkpoint saved to '{path}'. Continue with the "
                     "same command plus --resume latest.", exit_code=130,
                 )
-            if preview.every and step % preview.every == 0 and shard.is_main:
+            # with train.shard_frozen every process samples too (each UNet layer gathers its weight from all of
+            # them), and only the main one writes
+            if preview.every and step % preview.every == 0 and (shard.is_main or run.recipe.train.shard_frozen):
                 with averaged(run):
-                    tracker.image(step, "preview", write_preview(run, step))
-                report.write(step)
+                    path = write_preview(run, step, write=shard.is_main)
+                if shard.is_main:
+                    tracker.image(step, "preview", path)
+                    report.write(step)
             # never during a run of skipped steps: the last good checkpoint stays newest (`bad` is the same on
             # every process, so all of them reach save(), which gathers a sharded optimizer's state)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not bad:

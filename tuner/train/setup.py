@@ -290,7 +290,9 @@ def background(recipe: Recipe) -> tuple[int, int, int]:
     return (r, g, b)
 
 
-def apply_memory_settings(recipe: Recipe, base: BaseModel, *, autocast_active: bool, log=print) -> None:
+def apply_memory_settings(
+    recipe: Recipe, base: BaseModel, *, autocast_active: bool, shard: Shard = Shard(), log=print
+) -> None:
     """Attention kernel, storage dtype of frozen weights (VAE: ``model.vae_dtype``), channels_last; called
     after the adapter is attached (so trained tensors are known: they stay fp32) and before the move to the
     device (so the device never holds the fp32 copies)."""
@@ -302,11 +304,20 @@ def apply_memory_settings(recipe: Recipe, base: BaseModel, *, autocast_active: b
         log(f"NOTE: train.mixed_precision = {t.mixed_precision!r} runs no autocast on this device: "
             "frozen weights stay fp32")
     narrow = t.weight_dtype in STORAGE and STORAGE[t.weight_dtype] != dtype
+    split = t.shard_frozen and shard.world > 1
+    if t.shard_frozen and not split:
+        log("NOTE: train.shard_frozen has no effect with one process: nothing to share the weights with")
     changed = 0
     for module in (base.unet, *base.text_encoders.values()):
         changed += cast_frozen(module, dtype)
-        if narrow:
-            changed += store_frozen(module, STORAGE[t.weight_dtype])
+        parts = {"rank": shard.rank, "world": shard.world} if split and module is base.unet else {}
+        if narrow or parts:
+            changed += store_frozen(module, STORAGE[t.weight_dtype] if narrow else dtype, **parts)
+    if split:
+        kept = sum(m.weight.numel() for m in base.unet.modules() if getattr(m, "weight_shard", None) is not None)
+        whole = sum(m.weight_shard.numel for m in base.unet.modules() if getattr(m, "weight_shard", None) is not None)
+        log(f"frozen UNet weights sharded over {shard.world} processes (train.shard_frozen): process 0 keeps "
+            f"{kept:,} of their {whole:,} values")
     changed += cast_frozen(base.vae, torch.float32 if recipe.model.vae_dtype == "fp32" else dtype)
     if changed:
         return_freed_memory()  # the wide copies, freed, leave the process (on a CPU they would stay resident)
@@ -384,7 +395,7 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
         for component, encoder in base.text_encoders.items():
             if component in trained:
                 encoder.gradient_checkpointing_enable()
-    apply_memory_settings(recipe, base, autocast_active=accelerator.native_amp, log=log)
+    apply_memory_settings(recipe, base, autocast_active=accelerator.native_amp, shard=shard, log=log)
     base.to(device)
     opt = recipe.optim
     groups = []
