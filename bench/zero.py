@@ -1,13 +1,15 @@
-"""Memory per process of data-parallel full fine-tuning: unsharded, ZeRO-1 (``optim.shard_states``) and ZeRO-2
-(``optim.shard_gradients``), side by side.
+"""Memory per process of data-parallel training with tuner's sharding switches, side by side: a full fine-tune
+unsharded, with ZeRO-1 (``optim.shard_states``) and ZeRO-2 (``optim.shard_gradients``); a LoRA unsharded and
+with its frozen UNet split (``train.shard_frozen``, FSDP-style).
 
 Each setting is one launch of 2 CPU processes (gloo, one thread each) under ``torch.distributed.run``, training
-a DreamBooth full fine-tune of the UNet for a few steps with AdamW8bit and gradient checkpointing. The figures:
-each process's peak resident set size (``ru_maxrss``) when training has finished (the final checkpoint and
-export are skipped), the most gradient elements process 0 held at once (ZeRO-2 measures it on its ``.grad``
-tensors; unsharded it is all of them), the optimizer state bytes process 0 keeps, ``tuner plan``'s per-process
-prediction of tensor memory, and the loss (the same weights in every setting, so the same loss up to
-float rounding).
+a few steps with AdamW8bit and gradient checkpointing. The figures: each process's peak resident set size
+(``ru_maxrss``) over its whole life and over training alone (the high-water mark is reset through
+``/proc/self/clear_refs`` once the run is set up: loading the whole base comes before any split), the final
+checkpoint and export skipped; the most gradient elements process 0 held at once (ZeRO-2 measures it on its
+``.grad`` tensors; otherwise it is all of them); the optimizer state bytes process 0 keeps; ``tuner plan``'s
+per-process prediction of tensor memory; and the loss (the same weights in every setting of a method, so
+the same loss up to float rounding).
 
     python bench/zero.py                        # the full-size SD1.5 UNet at 64 px (about 20 GB of RAM in all)
     python bench/zero.py --base tiny            # the embedded base (a minute; too small to show much)
@@ -30,12 +32,15 @@ from pathlib import Path
 from rows import child_row, emit
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"unsharded": {}, "ZeRO-1": {"shard_states": True}, "ZeRO-2": {"shard_gradients": True}}
+SETTINGS = {  # method -> setting -> recipe keys
+    "dreambooth": {"unsharded": {}, "ZeRO-1": {"optim.shard_states": True}, "ZeRO-2": {"optim.shard_gradients": True}},
+    "lora": {"unsharded": {}, "shard_frozen": {"train.shard_frozen": True}},
+}
 BASES = {"tiny": 64, "sd15-random": 64}
 PROCESSES = 2
 
 
-def build_recipe(base: str, setting: str, out: Path, steps: int):
+def build_recipe(base: str, method: str, setting: str, out: Path, steps: int):
     from tuner.config.schema import Recipe
 
     r = Recipe()
@@ -46,14 +51,25 @@ def build_recipe(base: str, setting: str, out: Path, steps: int):
     r.train.steps, r.train.batch_size, r.train.seed = steps, 1, 0
     r.train.checkpoint_every, r.preview.every = 0, 0
     r.train.gradient_checkpointing = True
-    r.adapter.method = "dreambooth"
+    r.adapter.method = method
     r.optim.optimizer = "adamw8bit"
-    for key, value in SETTINGS[setting].items():
-        setattr(r.optim, key, value)
+    for key, value in SETTINGS[method][setting].items():
+        section, name = key.split(".")
+        setattr(getattr(r, section), name, value)
     return r
 
 
-def worker(base: str, setting: str, steps: int) -> None:
+def _reset_high_water() -> bool:
+    """Reset this process's peak resident size to its current size (Linux: ``/proc/self/clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(base: str, method: str, setting: str, steps: int) -> None:
     """One of the launch's processes: train, then rank 0 prints every process's figures as one row."""
     import torch
     import torch.distributed as dist
@@ -65,18 +81,21 @@ def worker(base: str, setting: str, steps: int) -> None:
     peak: dict[str, float] = {}
 
     def stop_here(*_args, **_kwargs):  # the final checkpoint/export: record the peak instead of writing
-        peak.setdefault("rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peak.setdefault("train_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return []
 
     loop.save, loop.export_adapter = stop_here, stop_here
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = build_recipe(base, setting, Path(tmp), steps)
+        recipe = build_recipe(base, method, setting, Path(tmp), steps)
         model = None
         if base == "sd15-random":
             from tuner.models.random_base import sd15_random_base
 
             model = sd15_random_base()
         run = setup_run(recipe, base=model, log=lambda *_: None)
+        del model
+        whole_so_far = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        reset = _reset_high_water()
         result = loop.train(run, log=lambda *_: None)
         inner = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper
         local = getattr(inner, "optim", inner)  # ZeroRedundancyOptimizer's own share
@@ -84,13 +103,14 @@ def worker(base: str, setting: str, steps: int) -> None:
                      if isinstance(t, torch.Tensor))
         shards = run.grad_shards
         total = sum(p.numel() for p in run.params)
-        mine = {"rss_mb": round(peak["rss_mb"]), "states_mb": round(states / 2**20, 1),
+        mine = {"rss_mb": round(max(whole_so_far, peak["train_mb"])),
+                "train_mb": round(peak["train_mb"]) if reset else None, "states_mb": round(states / 2**20, 1),
                 "grad_peak": shards.peak if shards else total, "grad_total": total}
         rows: list = [None] * dist.get_world_size()
         dist.all_gather_object(rows, mine)
         if dist.get_rank() == 0:
             plan = plan_recipe(recipe, family="sd15" if base == "sd15-random" else None, processes=PROCESSES)
-            emit({"base": base, "setting": setting, "steps": steps, "processes": rows,
+            emit({"base": base, "method": method, "setting": setting, "steps": steps, "processes": rows,
                   "plan_mb": round(plan.total_bytes / 2**20), "final_loss": round(result.final_loss, 6)})
 
 
@@ -99,29 +119,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", choices=tuple(BASES), default="sd15-random")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the rows here")
-    p.add_argument("--worker", nargs=2, metavar=("BASE", "SETTING"), help=argparse.SUPPRESS)
+    p.add_argument("--methods", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--worker", nargs=3, metavar=("BASE", "METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(*args.worker, args.steps)
         return 0
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     rows = []
-    for setting in SETTINGS:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
-               __file__, "--worker", args.base, setting, "--steps", str(args.steps)]
-        r = child_row(cmd, label=f"{args.base} {setting}", env=env, cwd=Path(tempfile.gettempdir()))
-        if r is not None:
-            rows.append(r)
-            print(f"  {setting:10s} {max(q['rss_mb'] for q in r['processes']):>7} MB per process", flush=True)
+    for method in args.methods:
+        for setting in SETTINGS[method]:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
+                   __file__, "--worker", args.base, method, setting, "--steps", str(args.steps)]
+            r = child_row(cmd, label=f"{args.base} {method} {setting}", env=env, cwd=Path(tempfile.gettempdir()))
+            if r is not None:
+                rows.append(r)
+                print(f"  {method:10s} {setting:12s} {max(q['rss_mb'] for q in r['processes']):>7} MB per process",
+                      flush=True)
     print()
-    print(f"DreamBooth full fine-tune, {args.base} at {BASES[args.base]} px, batch 1 per process, AdamW8bit, "
-          f"gradient checkpointing, {PROCESSES} processes, {args.steps} steps (CPU, gloo)")
-    print("| setting | peak RSS per process (MB) | gradient elements held by process 0 | optimizer states, "
-          "process 0 (MB) | plan, tensors per process (MB) | loss |")
-    print("|---|---|---|---|---|---|")
+    print(f"{args.base} at {BASES[args.base]} px, batch 1 per process, AdamW8bit, gradient checkpointing, "
+          f"{PROCESSES} processes, {args.steps} steps (CPU, gloo)")
+    print("| method | setting | peak RSS per process, whole run (MB) | peak RSS per process, training (MB) | "
+          "gradient elements held by process 0 | optimizer states, process 0 (MB) | plan, tensors per process "
+          "(MB) | loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         q = r["processes"][0]
-        print(f"| {r['setting']} | {' / '.join(str(x['rss_mb']) for x in r['processes'])} | "
+        print(f"| {r['method']} | {r['setting']} | {' / '.join(str(x['rss_mb']) for x in r['processes'])} | "
+              f"{' / '.join(str(x['train_mb']) for x in r['processes'])} | "
               f"{q['grad_peak']:,} of {q['grad_total']:,} ({q['grad_peak'] / q['grad_total']:.0%}) | "
               f"{q['states_mb']:,} | {r['plan_mb']:,} | {r['final_loss']} |")
     if args.json:
