@@ -332,8 +332,9 @@ def check_launch(distributed_type: str, *, world: int, device_spec: str, fused_b
         raise TunerError(
             f"accelerate is configured for {distributed_type}, which tuner does not support yet (its loop calls "
             "the models directly and averages gradients itself). Use a data-parallel config (distributed_type: "
-            "MULTI_GPU, e.g. docs/accelerate/ddp.yaml) with optim.shard_states = true for ZeRO stage 1 or "
-            "optim.shard_gradients = true for ZeRO stage 2; the other settings: docs/distributed.md"
+            "MULTI_GPU, e.g. docs/accelerate/ddp.yaml) with optim.shard_states = true for ZeRO stage 1, "
+            "optim.shard_gradients = true for ZeRO stage 2, train.shard_frozen = true to split the frozen UNet "
+            "weights as FSDP would; the other settings: docs/distributed.md"
         )
     if world > 1 and ":" in device_spec:
         raise TunerError(
