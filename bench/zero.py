@@ -96,6 +96,7 @@ def worker(base: str, method: str, setting: str, steps: int) -> None:
         del model
         whole_so_far = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         reset = _reset_high_water()
+        set_up = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # = the resident size now, once reset
         result = loop.train(run, log=lambda *_: None)
         inner = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper
         local = getattr(inner, "optim", inner)  # ZeroRedundancyOptimizer's own share
@@ -104,7 +105,8 @@ def worker(base: str, method: str, setting: str, steps: int) -> None:
         shards = run.grad_shards
         total = sum(p.numel() for p in run.params)
         mine = {"rss_mb": round(max(whole_so_far, peak["train_mb"])),
-                "train_mb": round(peak["train_mb"]) if reset else None, "states_mb": round(states / 2**20, 1),
+                "train_mb": round(peak["train_mb"]) if reset else None,
+                "setup_mb": round(set_up) if reset else None, "states_mb": round(states / 2**20, 1),
                 "grad_peak": shards.peak if shards else total, "grad_total": total}
         rows: list = [None] * dist.get_world_size()
         dist.all_gather_object(rows, mine)
