@@ -314,8 +314,9 @@ def apply_memory_settings(
         if narrow or parts:
             changed += store_frozen(module, STORAGE[t.weight_dtype] if narrow else dtype, **parts)
     if split:
-        kept = sum(m.weight.numel() for m in base.unet.modules() if getattr(m, "weight_shard", None) is not None)
-        whole = sum(m.weight_shard.numel for m in base.unet.modules() if getattr(m, "weight_shard", None) is not None)
+        split_layers = [m for m in base.unet.modules() if getattr(m, "weight_shard", None) is not None]
+        kept = sum(m.weight.numel() for m in split_layers)
+        whole = sum(m.weight_shard.numel for m in split_layers)
         log(f"frozen UNet weights sharded over {shard.world} processes (train.shard_frozen): process 0 keeps "
             f"{kept:,} of their {whole:,} values")
     changed += cast_frozen(base.vae, torch.float32 if recipe.model.vae_dtype == "fp32" else dtype)
