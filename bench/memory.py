@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rows import child_row, emit
+from rows import child_row, emit, high_water_mb, peak_at_the_end
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "dreambooth_lora", "dreambooth", "textual_inversion", "pivotal")
@@ -69,14 +68,9 @@ def child(base: str, method: str, setting: str, steps: int) -> dict:
     from tuner.plan.estimate import plan_recipe
     from tuner.train.setup import setup_run
 
-    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline_mb = high_water_mb()
     peak: dict[str, float] = {}
-
-    def stop_here(*_args, **_kwargs):  # the final checkpoint/export: record the peak instead of writing
-        peak.setdefault("rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return []
-
-    loop.save, loop.export_adapter = stop_here, stop_here
+    peak_at_the_end(loop, peak, "rss_mb")
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_recipe(base, method, setting, Path(tmp), steps)
         predicted = plan_recipe(recipe, family="sd15" if base == "sd15-random" else None)

@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -53,6 +52,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rows import high_water_mb, reset_high_water
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large sks star on a black background"
@@ -164,11 +165,11 @@ def _instrument() -> dict:
         out = backward(self, *args, **kwargs)
         rec["t"].append(time.perf_counter())
         rec["loss"].append(float(self.detach()))
-        now = _high_water_mb()
+        now = high_water_mb()
         if len(rec["t"]) == 1:  # loading, caching and the first step: then the steady-state peak starts
             rec["before_mb"] = now
-            if _reset_high_water():
-                rec["steady_mb"] = _high_water_mb()
+            if reset_high_water():
+                rec["steady_mb"] = high_water_mb()
         elif rec["steady_mb"] is not None:
             rec["steady_mb"] = now
         rec["rss_mb"] = max(rec["before_mb"], now)
@@ -185,22 +186,6 @@ def _instrument() -> dict:
     torch.Tensor.backward = timed_backward
     torch.optim.AdamW.__init__ = counting_init
     return rec
-
-
-def _high_water_mb() -> float:
-    """This process's peak resident size so far (``ru_maxrss``; Linux's ``VmHWM``)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_high_water() -> bool:
-    """Reset the peak to the current resident size (Linux >= 4.0: ``/proc/self/clear_refs`` 5). False where
-    that is not possible; the steady-state column is then left empty."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _summary(rec: dict, batch: int, started: float) -> dict:
@@ -448,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         row = children[kind](job)
         # the whole child's peak: wait4's figure misses what came before a reset of the high-water mark, which
         # the training peak (the high-water mark at the first backward pass or later) includes
-        row["child_peak_mb"] = round(max(row.get("train_peak_rss_mb", 0), _high_water_mb()))
+        row["child_peak_mb"] = round(max(row.get("train_peak_rss_mb", 0), high_water_mb()))
         print("ROW " + json.dumps(row), flush=True)
         return 0
 

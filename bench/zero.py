@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 from pathlib import Path
 
-from rows import child_row, emit
+from rows import child_row, emit, high_water_mb, peak_at_the_end, reset_high_water
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # method -> setting -> recipe keys
@@ -59,16 +58,6 @@ def build_recipe(base: str, method: str, setting: str, out: Path, steps: int):
     return r
 
 
-def _reset_high_water() -> bool:
-    """Reset this process's peak resident size to its current size (Linux: ``/proc/self/clear_refs`` 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(base: str, method: str, setting: str, steps: int) -> None:
     """One of the launch's processes: train, then rank 0 prints every process's figures as one row."""
     import torch
@@ -79,12 +68,7 @@ def worker(base: str, method: str, setting: str, steps: int) -> None:
     from tuner.train.setup import setup_run
 
     peak: dict[str, float] = {}
-
-    def stop_here(*_args, **_kwargs):  # the final checkpoint/export: record the peak instead of writing
-        peak.setdefault("train_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return []
-
-    loop.save, loop.export_adapter = stop_here, stop_here
+    peak_at_the_end(loop, peak, "train_mb")
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_recipe(base, method, setting, Path(tmp), steps)
         model = None
@@ -94,9 +78,9 @@ def worker(base: str, method: str, setting: str, steps: int) -> None:
             model = sd15_random_base()
         run = setup_run(recipe, base=model, log=lambda *_: None)
         del model
-        whole_so_far = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        reset = _reset_high_water()
-        set_up = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # = the resident size now, once reset
+        whole_so_far = high_water_mb()
+        reset = reset_high_water()
+        set_up = high_water_mb()  # = the resident size now, once reset
         result = loop.train(run, log=lambda *_: None)
         inner = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper
         local = getattr(inner, "optim", inner)  # ZeroRedundancyOptimizer's own share

@@ -325,18 +325,26 @@ def test_validate_refuses_fused_backward_combinations():
     assert check_recipe(r) == []
 
 
-def test_validate_refuses_shard_gradients_with_fp16_or_fused_backward():
+@pytest.mark.parametrize(
+    ("key", "changes", "words"),
+    [
+        ("optim.shard_gradients", {"train.mixed_precision": "fp16"}, ("bf16",)),
+        ("optim.shard_gradients", {"optim.fused_backward": True, "train.max_grad_norm": 0.0}, ("single-process",)),
+        ("train.shard_frozen", {"adapter.method": "dreambooth"}, ("optim.shard_gradients",)),
+    ],
+)
+def test_validate_refuses_sharding_combinations(key, changes, words):
     from tuner.config.schema import Recipe
 
     r = Recipe()
-    r.optim.shard_gradients = True
-    assert check_recipe(r) == []
-    r.train.mixed_precision = "fp16"
+    section, name = key.split(".")
+    setattr(getattr(r, section), name, True)
+    assert check_recipe(r) == []  # alone it is fine
+    for path, value in changes.items():
+        section, name = path.split(".")
+        setattr(getattr(r, section), name, value)
     (problem,) = check_recipe(r)
-    assert "optim.shard_gradients" in problem and "bf16" in problem
-    r.train.mixed_precision, r.optim.fused_backward, r.train.max_grad_norm = "bf16", True, 0.0
-    (problem,) = check_recipe(r)
-    assert "fused_backward" in problem and "single-process" in problem
+    assert key in problem and all(w in problem for w in words)
 
 
 def test_plan_follows_the_memory_settings():
@@ -449,17 +457,6 @@ def test_sharded_frozen_weights_are_the_parts_of_the_stored_weight(name):
         joined = torch.cat([p[i].weight.view(torch.uint8) for p in parts])
         assert torch.equal(joined[: whole[i].weight.numel() * dtype.itemsize], whole[i].weight.reshape(-1).view(torch.uint8))
         assert not joined[whole[i].weight.numel() * dtype.itemsize :].any()  # zero padding
-
-
-def test_validate_refuses_shard_frozen_for_dreambooth():
-    from tuner.config.schema import Recipe
-
-    r = Recipe()
-    r.train.shard_frozen = True
-    assert check_recipe(r) == []
-    r.adapter.method = "dreambooth"
-    (problem,) = check_recipe(r)
-    assert "train.shard_frozen" in problem and "optim.shard_gradients" in problem
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp8"])
