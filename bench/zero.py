@@ -126,13 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.base} at {BASES[args.base]} px, batch 1 per process, AdamW8bit, gradient checkpointing, "
           f"{PROCESSES} processes, {args.steps} steps (CPU, gloo)")
     print("| method | setting | peak RSS per process, whole run (MB) | peak RSS per process, training (MB) | "
-          "gradient elements held by process 0 | optimizer states, process 0 (MB) | plan, tensors per process "
-          "(MB) | loss |")
-    print("|---|---|---|---|---|---|---|---|")
+          "RSS once set up (MB) | gradient elements held by process 0 | optimizer states, process 0 (MB) | "
+          "plan, tensors per process (MB) | loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         q = r["processes"][0]
         print(f"| {r['method']} | {r['setting']} | {' / '.join(str(x['rss_mb']) for x in r['processes'])} | "
               f"{' / '.join(str(x['train_mb']) for x in r['processes'])} | "
+              f"{' / '.join(str(x['setup_mb']) for x in r['processes'])} | "
               f"{q['grad_peak']:,} of {q['grad_total']:,} ({q['grad_peak'] / q['grad_total']:.0%}) | "
               f"{q['states_mb']:,} | {r['plan_mb']:,} | {r['final_loss']} |")
     if args.json:
