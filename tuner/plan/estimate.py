@@ -48,7 +48,7 @@ from tuner.plan.skeleton import (
     narrow_weights,
     param_count,
 )
-from tuner.train.distributed import GRADIENT_BUCKET
+from tuner.train.distributed import GRADIENT_BUCKET, shard_bucket
 
 MB = 1024**2
 GB = 1024**3
@@ -376,7 +376,7 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     grads_at_peak = largest if fused else moment.gradient_params + other_grads
     bucket = max(min(GRADIENT_BUCKET, trainable), largest) * 4  # tuner.train.distributed's flat copy
     if own < trainable:  # ZeRO-2: the owned sums so far, plus at most one bucket not sent yet
-        bucket = max(min(GRADIENT_BUCKET, trainable // 8), largest) * 4  # (its buckets: at least 8 per job)
+        bucket = max(shard_bucket(trainable), largest) * 4
         grads_at_peak = min(grads_at_peak, own + bucket // 4)
     step_temp = optimizer_step_bytes(s.optimizer, shapes, device=device, fused=fused)
     step_note = f"{s.optimizer} step temporaries on {device}"

@@ -136,12 +136,18 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], world: int, device: tor
             offset += g.numel()
 
 
+def shard_bucket(total: int) -> int:
+    """Elements per :class:`ShardedGradients` bucket for ``total`` trained elements: at most
+    :data:`GRADIENT_BUCKET`, and at least 8 buckets per job, so that a small one (a LoRA) is sent in parts too."""
+    return max(1, min(GRADIENT_BUCKET, total // 8))
+
+
 class ShardedGradients:
     """ZeRO stage 2 (``optim.shard_gradients``): each process keeps only the averaged gradients of the tensors
     whose optimizer states it owns (``owner``: parameter index -> rank, the sharded optimizer's partition).
 
     Gradients are reduced during backward, as they become ready, in fixed buckets of parameters (at most
-    ``bucket`` elements each). Backward makes gradients ready in about the reverse of the order the forward
+    :func:`shard_bucket` elements each). Backward makes gradients ready in about the reverse of the order the forward
     pass used the weights, so the buckets are laid out in that order: hooks on ``modules`` (the trained
     modules) record the first forward pass's order, and at the first gradient process 0's order is
     broadcast, so every process has the same buckets. A bucket is sent once all its parameters have their
@@ -159,11 +165,11 @@ class ShardedGradients:
 
     def __init__(
         self, params: Sequence[torch.nn.Parameter], owner: Sequence[int], rank: int, world: int,
-        modules: Sequence[torch.nn.Module], bucket: int = GRADIENT_BUCKET,
+        modules: Sequence[torch.nn.Module],
     ) -> None:
         self.params, self.owner, self.rank, self.world = list(params), list(owner), rank, world
         self.total = sum(p.numel() for p in self.params)
-        self.limit = bucket
+        self.limit = shard_bucket(self.total)
         self.buckets: list[list[int]] = []  # laid out at the first gradient
         self.used: dict[int, None] = {}  # parameter indices in the order the first forward pass used them
         self.sums: dict[int, torch.Tensor] = {}

@@ -35,7 +35,6 @@ from tuner.optim.memory import (
 )
 from tuner.optim.optimizers import build_optimizer, build_schedule
 from tuner.train.distributed import (
-    GRADIENT_BUCKET,
     Shard,
     ShardedGradients,
     broadcast_parameters,
@@ -431,10 +430,8 @@ def setup_run(recipe: Recipe, *, recipe_path: str | None = None, base: BaseModel
     if sharded and opt.shard_gradients:
         params = [p for g in groups for p in g["params"]]
         owned = {id(p) for g in optimizer.optim.param_groups for p in g["params"]}  # this process's share
-        total = sum(p.numel() for p in params)
-        # at least 8 buckets, so that a small job (a LoRA) is sent in parts too
         grad_shards = ShardedGradients(params, owners(params, owned, shard, device), shard.rank, shard.world,
-                                       list(trained.values()), bucket=max(1, min(GRADIENT_BUCKET, total // 8)))
+                                       list(trained.values()))
     lr_scheduler = build_schedule(
         optimizer, opt.schedule, warmup_steps=opt.warmup_steps, total_steps=recipe.train.steps
     )
