@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from tuner.errors import TunerError
 from tuner.models.base import BaseModel
-from tuner.sample.sampler import SampleSettings, sample_images
+from tuner.sample.sampler import SampleSettings, sample_images, to_pil
 from tuner.tiny.judge import Judgement, expected_shape, judge
 from tuner.tiny.world import (
     HELD_OUT,
@@ -52,8 +52,8 @@ from tuner.tiny.world import (
     SIZES,
     Scene,
     caption,
-    render_array,
     sample_scenes,
+    scene_pixels,
     sks_scene,
 )
 
@@ -312,7 +312,8 @@ def evaluate_cases(
 
 def vae_round_trip(base: BaseModel, scenes: Sequence[Scene]) -> list[np.ndarray]:
     """Each scene rendered, encoded by the base's VAE (the latent distribution's mean) and decoded, as
-    uint8 RGB arrays: what the best possible latent for that image looks like after decoding."""
+    uint8 RGB arrays converted as the sampler converts its images: what the best possible latent for that
+    image looks like after decoding."""
     import torch
 
     vae = base.vae
@@ -320,11 +321,8 @@ def vae_round_trip(base: BaseModel, scenes: Sequence[Scene]) -> list[np.ndarray]
     out = []
     with torch.no_grad():
         for start in range(0, len(scenes), 16):
-            pixels = np.stack([render_array(s) for s in scenes[start : start + 16]])
-            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(first.device, first.dtype) / 127.5 - 1
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample
-            y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-            out.extend(y.numpy())
+            x = scene_pixels(scenes[start : start + 16]).to(first.device, first.dtype)
+            out += [np.asarray(to_pil(y)) for y in vae.decode(vae.encode(x).latent_dist.mean).sample]
     return out
 
 

@@ -100,12 +100,6 @@ def pretrain_scenes() -> list[world.Scene]:
     return scenes
 
 
-def _pixels(scenes: list[world.Scene]) -> torch.Tensor:
-    """``[N, 3, 64, 64]`` float32 in [-1, 1]."""
-    arr = np.stack([world.render_array(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
 def _object_weights(scenes: list[world.Scene], fg_weight: float, factor: int = 4) -> torch.Tensor:
     """``[N, 1, 64 / factor, 64 / factor]`` loss weights: ``1 + fg_weight`` where the latent pixel (after a
     3x3 dilation) overlaps the scene's object, else 1."""
@@ -274,7 +268,7 @@ def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: 
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(s.seed)
     step = _resume(out / STATE_VAE, vae, opt, rng, log, "VAE")
-    pixels = _pixels(scenes)
+    pixels = world.scene_pixels(scenes)
     masks = torch.from_numpy(np.stack([world.scene_mask(sc) for sc in scenes]))[:, None]
     n_aug = round(s.vae_batch * s.vae_augment)
     gen = torch.Generator().manual_seed(s.seed + step)
@@ -345,7 +339,7 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
         step, history = state["step"], state["history"]
         log(f"UNet: resumed at step {step}")
     with torch.no_grad():
-        pixels = _pixels(scenes)
+        pixels = world.scene_pixels(scenes)
         mean, std = _latent_moments(vae, pixels)
     weights = _object_weights(scenes, s.fg_weight) if s.fg_weight > 0 else None
     scale = float(vae.config.scaling_factor)
@@ -459,7 +453,7 @@ def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], 
     rng = np.random.default_rng(s.seed + 3)
     step = _resume(out / STATE_DECODER, vae, opt, rng, log, "decoder")
     with torch.no_grad():
-        pixels = _pixels(scenes)
+        pixels = world.scene_pixels(scenes)
         mean, std = _latent_moments(vae, pixels)
     gen = torch.Generator().manual_seed(s.seed + 4 + step)
     vae.decoder.train()

@@ -286,6 +286,14 @@ def render_array(scene: Scene) -> np.ndarray:
     return img
 
 
+def scene_pixels(scenes: Sequence[Scene]):
+    """The scenes rendered as one ``[N, 3, 64, 64]`` float32 tensor in [-1, 1] (what the VAE encodes)."""
+    import torch
+
+    arr = np.stack([render_array(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
 def render(scene: Scene) -> Image.Image:
     """Draw ``scene``: a 64 x 64 RGB PIL image, deterministic to the bit."""
     return Image.fromarray(render_array(scene))
