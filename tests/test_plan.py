@@ -357,6 +357,10 @@ def test_plan_per_process_with_sharded_states():
     g_sharded, g_zero2 = sharded.component("gradients"), zero2.component("gradients")
     assert g_zero2 < g_sharded / 2 and g_zero2 >= 4 * 859_520_964 / 4  # at least this process's share
     assert zero2.total_bytes < sharded.total_bytes
+    # both peak at the optimizer step; ZeRO-1 averages there through a flat bucket, ZeRO-2 sent its buckets
+    # during backward and only divides its share in place
+    zero1_step, zero2_step = (next(c.note for c in p.components if c.name == "workspace") for p in (sharded, zero2))
+    assert "gradient bucket" in zero1_step and "gradient bucket" not in zero2_step
     recipe.optim.shard_states = False  # shard_gradients implies it
     assert plan_recipe(recipe, family="sd15", processes=4).total_bytes == zero2.total_bytes
     # several processes average their gradients through a flat bucket at the optimizer step

@@ -383,9 +383,9 @@ def plan_for(sk: Skeleton, recipe: Recipe, settings: Settings, *, device: str = 
     if s.processes > 1:
         if shares:  # each process steps its own share
             step_temp = step_temp * max(shares) // max(1, sum(shares))
-        # tuner.train.distributed averages the gradients bucket by bucket through a flat copy
-        step_temp += bucket
-        step_note += f" + a {bucket / MB:,.1f} MB gradient bucket (the average over {s.processes} processes)"
+        if own == trainable:  # sync_gradients averages bucket by bucket through a flat copy at the step
+            step_temp += bucket  # (ZeRO-2 sent its buckets during backward and only divides its share here)
+            step_note += f" + a {bucket / MB:,.1f} MB gradient bucket (the average over {s.processes} processes)"
     note = f"UNet at {lat}x{lat} latents, batch {batch}" + (
         ", checkpointed" if s.gradient_checkpointing else ""
     )
