@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rows import child_row, emit, high_water_mb, peak_at_the_end
+from rows import child_row, emit, high_water_mb, method_recipe, peak_at_the_end
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "dreambooth_lora", "dreambooth", "textual_inversion", "pivotal")
@@ -33,29 +33,10 @@ BASES = {"tiny": 64, "sd15-random": 256}
 
 
 def build_recipe(base: str, method: str, setting: str, out: Path, steps: int):
-    from tuner.config.schema import Recipe
-
-    r = Recipe()
-    r.model.base = "tiny"
-    r.data.path = str(ROOT / "datasets" / ("pink" if method in ("textual_inversion", "pivotal") else "sks_star"))
+    optimizer, checkpointing = SETTINGS[setting]
+    r = method_recipe(method, out, optimizer=optimizer, checkpointing=checkpointing)
     r.data.resolution = BASES[base]
-    r.output.dir = str(out)
-    r.output.name = "bench"
-    r.train.steps = steps
-    r.train.batch_size = 1
-    r.train.checkpoint_every = 0
-    r.preview.every = 0
-    r.optim.optimizer, r.train.gradient_checkpointing = SETTINGS[setting]
-    r.adapter.method = "dreambooth" if method == "dreambooth" else method.replace("dreambooth_lora", "lora")
-    if method in ("dreambooth", "dreambooth_lora"):
-        r.prior.enabled = True
-        r.prior.class_prompts = ["a blue star on a black background"]
-        r.prior.class_dir = str(out / "class_images")
-        r.prior.num_images = 2
-        r.prior.steps = 2
-    if method in ("textual_inversion", "pivotal"):
-        r.embedding.tokens = ["<pink>"]
-        r.embedding.init_words = ["purple"]
+    r.train.steps, r.train.batch_size = steps, 1
     return r
 
 

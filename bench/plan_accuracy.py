@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rows import child_row, emit
+from rows import child_row, emit, method_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "dreambooth_lora", "dreambooth", "textual_inversion", "pivotal")
@@ -42,25 +42,10 @@ MB = 2**20
 
 
 def build_recipe(base: str, method: str, setting: str, out: Path):
-    from tuner.config.schema import Recipe
-
-    r = Recipe()
-    r.model.base = "tiny"
-    r.data.path = str(
-        ROOT / "datasets" / ("pink" if method in ("textual_inversion", "pivotal") else "sks_star")
-    )
+    optimizer, checkpointing = SETTINGS[setting]
+    r = method_recipe(method, out, optimizer=optimizer, checkpointing=checkpointing)
     r.data.resolution, r.train.batch_size = BASES[base]
-    r.output.dir, r.output.name = str(out), "bench"
-    r.train.steps, r.train.checkpoint_every, r.preview.every = 1, 0, 0
-    r.optim.optimizer, r.train.gradient_checkpointing = SETTINGS[setting]
-    r.adapter.method = "dreambooth" if method == "dreambooth" else method.replace("dreambooth_lora", "lora")
-    if method in ("dreambooth", "dreambooth_lora"):
-        r.prior.enabled = True
-        r.prior.class_prompts = ["a blue star on a black background"]
-        r.prior.class_dir = str(out / "class_images")
-        r.prior.num_images, r.prior.steps = 2, 2
-    if method in ("textual_inversion", "pivotal"):
-        r.embedding.tokens, r.embedding.init_words = ["<pink>"], ["purple"]
+    r.train.steps = 1
     return r
 
 

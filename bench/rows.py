@@ -57,3 +57,28 @@ def peak_at_the_end(loop, peak: dict[str, float], key: str) -> None:
         return []
 
     loop.save, loop.export_adapter = stop_here, stop_here
+
+
+def method_recipe(method: str, out: Path, *, optimizer: str, checkpointing: bool):
+    """A one-configuration recipe on the embedded base's datasets for ``method`` (``lora``,
+    ``dreambooth_lora``, ``dreambooth``, ``textual_inversion``, ``pivotal``): prior preservation with two
+    class images for the DreamBooth ones, the ``<pink>`` token for the embedding ones; no checkpoints or
+    previews. Callers set resolution, batch and steps."""
+    from tuner.config.schema import Recipe
+
+    embedding = method in ("textual_inversion", "pivotal")
+    r = Recipe()
+    r.model.base = "tiny"
+    r.data.path = str(Path(__file__).resolve().parents[1] / "datasets" / ("pink" if embedding else "sks_star"))
+    r.output.dir, r.output.name = str(out), "bench"
+    r.train.checkpoint_every, r.preview.every = 0, 0
+    r.optim.optimizer, r.train.gradient_checkpointing = optimizer, checkpointing
+    r.adapter.method = "dreambooth" if method == "dreambooth" else method.replace("dreambooth_lora", "lora")
+    if method in ("dreambooth", "dreambooth_lora"):
+        r.prior.enabled = True
+        r.prior.class_prompts = ["a blue star on a black background"]
+        r.prior.class_dir = str(out / "class_images")
+        r.prior.num_images, r.prior.steps = 2, 2
+    if embedding:
+        r.embedding.tokens, r.embedding.init_words = ["<pink>"], ["purple"]
+    return r
