@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from rows import child_row, emit
+from rows import child_row, emit, set_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -86,10 +86,8 @@ def build_recipe(
     r.train.batch_size, r.train.mixed_precision, r.train.gradient_checkpointing = 1, "bf16", checkpointing
     r.train.device, r.train.checkpoint_every, r.preview.every = device, 0, 0
     r.optim.optimizer = "adamw"
-    for item in overrides:  # "section.key=<TOML value>"
-        key, _, raw = item.partition("=")
-        section, name = key.split(".")
-        setattr(getattr(r, section), name, tomllib.loads(f"v = {raw}")["v"])
+    pairs = (item.partition("=") for item in overrides)  # "section.key=<TOML value>"
+    set_keys(r, {key: tomllib.loads(f"v = {raw}")["v"] for key, _, raw in pairs})
     return r
 
 

@@ -59,6 +59,13 @@ def peak_at_the_end(loop, peak: dict[str, float], key: str) -> None:
     loop.save, loop.export_adapter = stop_here, stop_here
 
 
+def set_keys(recipe, values: Mapping[str, object]) -> None:
+    """Set dotted recipe keys (``{"train.shard_frozen": True}``) on a ``Recipe`` object, in place."""
+    for key, value in values.items():
+        section, name = key.split(".")
+        setattr(getattr(recipe, section), name, value)
+
+
 def method_recipe(method: str, out: Path, *, optimizer: str, checkpointing: bool):
     """A one-configuration recipe on the embedded base's datasets for ``method`` (``lora``,
     ``dreambooth_lora``, ``dreambooth``, ``textual_inversion``, ``pivotal``): prior preservation with two

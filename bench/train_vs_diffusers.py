@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rows import high_water_mb, reset_high_water
+from rows import high_water_mb, reset_high_water, set_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large sks star on a black background"
@@ -227,9 +227,7 @@ def child_tuner(job: dict) -> dict:
     r.optim.optimizer, r.optim.learning_rate, r.optim.schedule = "adamw", job["lr"], "constant"
     r.preview.every = 0
     r.output.dir, r.output.name = job["out"], "bench"
-    for key, value in job.get("set", {}).items():  # a --tuner-set variant: one recipe key changed
-        table, name = key.split(".")
-        setattr(getattr(r, table), name, value)
+    set_keys(r, job.get("set", {}))  # a --tuner-set variant: one recipe key changed
     run = setup_run(r, log=lambda *_: None)
     result = loop.train(run, log=lambda *_: None)
     row = _summary(rec, job["batch"], started)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rows import child_row, emit, high_water_mb, peak_at_the_end, reset_high_water
+from rows import child_row, emit, high_water_mb, peak_at_the_end, reset_high_water, set_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # method -> setting -> recipe keys
@@ -52,9 +52,7 @@ def build_recipe(base: str, method: str, setting: str, out: Path, steps: int):
     r.train.gradient_checkpointing = True
     r.adapter.method = method
     r.optim.optimizer = "adamw8bit"
-    for key, value in SETTINGS[method][setting].items():
-        section, name = key.split(".")
-        setattr(getattr(r, section), name, value)
+    set_keys(r, SETTINGS[method][setting])
     return r
 
 
