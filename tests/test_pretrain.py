@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tuner.cli import main
@@ -45,6 +46,26 @@ def test_pretrain_pauses_and_resumes(tmp_path):
     final = pretrain_tiny(tmp_path, settings, log=lambda *_: None)
     assert final is not None and (final / "model_index.json").exists()
     assert len(json.loads((tmp_path / "history.json").read_text())["loss"]) == 2
+
+
+def test_pretrain_with_finer_latents_builds_a_base_that_samples(tmp_path):
+    """``--latent-factor 2``: a 2x VAE (32x32 latents) and a UNet with one more stage train end to end (the
+    UNet's object weights follow the latent size), the base loads from the folder with that factor and
+    samples 64 px images; continuing the run with the other factor is refused, naming the settings file."""
+    from tuner.errors import TunerError
+    from tuner.models.base import load_base
+    from tuner.sample.sampler import SampleSettings, sample_images
+
+    settings = PretrainSettings(vae_steps=1, vae_batch=2, steps=1, batch=2, scene_limit=16, latent_factor=2)
+    final = pretrain_tiny(tmp_path, settings, log=lambda *_: None)
+    base = load_base(str(final))
+    assert base.vae_scale_factor == 2 and base.unet.config.sample_size == 32
+    assert len(base.unet.config.block_out_channels) == 4
+    (image,) = sample_images(base, ["a red circle on a blue background"], [0], SampleSettings(steps=2))
+    assert image.size == (64, 64)
+    with pytest.raises(TunerError, match=r"settings\.json.*latent_factor = 2, not 4.*--latent-factor 2"):
+        pretrain_tiny(tmp_path, PretrainSettings(vae_steps=1, vae_batch=2, steps=1, batch=2, scene_limit=16),
+                      log=lambda *_: None)
 
 
 def test_pretrain_command_smoke(tmp_path, monkeypatch):
@@ -134,6 +155,8 @@ def test_object_weights_cover_the_object_in_latent_space():
         assert (w[i, 0][covered] == 5.0).all()  # every latent pixel the object touches is weighted
         assert (w[i, 0][:, :2] == 1.0).all() if s.position == "right" else (w[i, 0][:, -2:] == 1.0).all()
     assert (w[1] > 1).sum() > (w[0] > 1).sum()  # the large object covers more
+    fine = _object_weights([small, large], 4.0, 2)  # --latent-factor 2: 32x32 latents
+    assert fine.shape == (2, 1, 32, 32) and (fine[1] > 1).sum() > (fine[0] > 1).sum()
 
 
 def test_weighted_diffusion_loss():

@@ -374,7 +374,7 @@ def _pretrain_settings(args: argparse.Namespace):
     return PretrainSettings(
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch_size,
         decoder_steps=args.decoder_steps, fg_weight=args.fg_weight, color_drop=args.color_drop,
-        vae_augment=args.vae_augment, vae_fg_weight=args.vae_fg_weight,
+        vae_augment=args.vae_augment, vae_fg_weight=args.vae_fg_weight, latent_factor=args.latent_factor,
         time_limit_min=args.time_limit, share_cpu=args.share_cpu, scene_limit=args.scene_limit,
     )
 
@@ -398,6 +398,7 @@ def _finish_pretrain(args: argparse.Namespace, started: float) -> int:
                  f"--decoder-steps {args.decoder_steps} --fg-weight {args.fg_weight:g} --color-drop {args.color_drop:g} "
                  f"--vae-augment {args.vae_augment:g} --vae-fg-weight {args.vae_fg_weight:g} "
                  f"--batch-size {args.batch_size} "
+                 + (f"--latent-factor {args.latent_factor} " if args.latent_factor != 4 else "")
                  + (f"--processes {args.processes} " if args.processes > 1 else "")
                  + f"--seed {args.seed}" + (" --install" if args.install else "")),
         assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
@@ -586,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3800,
                    help="UNet + text encoder steps (about 2.0 s each on 2 cores, 1.7 s with --processes 2)")
     p.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (first stage, about 0.95 s each)")
+    p.add_argument("--latent-factor", type=int, choices=(4, 2), default=4,
+                   help="pixels per latent cell: 4 = the shipped base's 16x16 latents; 2 = 32x32 latents (a VAE "
+                        "with one downsampling fewer and a UNet with one more stage, about 1.2x the time per "
+                        "UNet step), which keep the small sks star's white centre")
     p.add_argument("--decoder-steps", type=int, default=0,
                    help="optional third stage: fine-tune the VAE decoder alone on the frozen encoder's latents, "
                         "half of them world geometry in free colours (the UNet stays valid); 0 skips it. "

@@ -74,6 +74,10 @@ class PretrainSettings:
     ``1 + fg_weight`` in the UNet's loss. The object covers 5-30% of an image, so with a plain MSE the
     background dominates; small shapes' outlines are what the base draws worst. 0 = plain MSE."""
     ema_decay: float = 0.999
+    latent_factor: int = 4
+    """Pixels per latent cell, 4 (the shipped base: 16x16x4 latents) or 2 (32x32x4, a UNet with one more
+    stage; :func:`tuner.models.tiny.unet_config`). With 4 the small sks star, a 20 px hexagram, is 5 latent
+    cells across and its white centre is lost in half of the VAE's round trips."""
     decoder_steps: int = 0
     """Stage 3: fine-tune the VAE decoder alone on the frozen encoder's latents (the UNet's latent space does
     not change, so the denoiser stays valid); sharpens small shapes. 0 = skip."""
@@ -257,13 +261,13 @@ def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: 
     """Stage 1. Returns the trained VAE, or None when the time limit stopped it (checkpoint saved)."""
     from diffusers import AutoencoderKL
 
-    from tuner.models.tiny import VAE_CONFIG
+    from tuner.models.tiny import vae_config
 
     final = out / "vae"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final, local_files_only=True)
     torch.manual_seed(s.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**vae_config(s.latent_factor))
     broadcast_parameters(list(vae.parameters()), shard.world)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(s.seed)
@@ -313,12 +317,12 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tuner.models.prompts import tokenize
-    from tuner.models.tiny import SCHEDULER_CONFIG, UNET_CONFIG, build_tokenizer, text_encoder_config
+    from tuner.models.tiny import SCHEDULER_CONFIG, build_tokenizer, text_encoder_config, unet_config
     from tuner.train.objective import add_noise, diffusion_loss, target_for
 
     tokenizer = build_tokenizer()
     torch.manual_seed(s.seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**unet_config(s.latent_factor))
     te = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id,
                                                             tokenizer.eos_token_id)))
     params = list(unet.parameters()) + list(te.parameters())
@@ -341,7 +345,7 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     with torch.no_grad():
         pixels = world.scene_pixels(scenes)
         mean, std = _latent_moments(vae, pixels)
-    weights = _object_weights(scenes, s.fg_weight) if s.fg_weight > 0 else None
+    weights = _object_weights(scenes, s.fg_weight, s.latent_factor) if s.fg_weight > 0 else None
     scale = float(vae.config.scaling_factor)
     unet.train()
     te.train()
@@ -490,6 +494,23 @@ def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], 
     return vae
 
 
+def _check_same_architecture(out: Path, s: PretrainSettings) -> None:
+    """Refuse to continue a run in ``out`` that was started with another ``latent_factor`` (its checkpoints
+    hold the other architecture's weights)."""
+    from tuner.errors import TunerError
+    from tuner.models.tiny import LATENT_FACTORS
+
+    if s.latent_factor not in LATENT_FACTORS:
+        raise TunerError(f"latent_factor = {s.latent_factor}: expected one of {LATENT_FACTORS}")
+    path = out / "settings.json"
+    if not path.exists():
+        return
+    before = json.loads(path.read_text()).get("latent_factor", 4)
+    if before != s.latent_factor:
+        raise TunerError(f"{path}: this run was started with latent_factor = {before}, not {s.latent_factor}; "
+                         f"continue it with --latent-factor {before}, or start a new one in another --out folder")
+
+
 def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log=print) -> Path | None:
     """Run (or continue) both stages into ``out``; returns the diffusers folder ``out/final`` when done,
     None when the time limit paused it (run again with the same ``out`` to continue)."""
@@ -505,6 +526,7 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
         if batch % shard.world:
             raise ValueError(f"{name} = {batch} does not split over {shard.world} processes: use a multiple of "
                              f"{shard.world}")
+    _check_same_architecture(out, s)
     if not shard.is_main:
         log = _quiet
     out.mkdir(parents=True, exist_ok=True)
