@@ -78,6 +78,7 @@ def test_pretrain_command_smoke(tmp_path, monkeypatch):
     assert code == 0
     card = (tmp_path / "final" / "MODEL_CARD.md").read_text()
     assert "seen prompts (n = 2)" in card and "held-out pairs (n = 8)" in card and "pretrain-tiny" in card
+    assert "AutoencoderKL with 4x downsampling" in card
     assert json.loads((tmp_path / "settings.json").read_text())["fg_weight"] == 4.0 and "--fg-weight 4" in card
     assert "under the object weighted 5x" in card
     assert json.loads((tmp_path / "settings.json").read_text())["color_drop"] == 0.3 and "--color-drop 0.3" in card

@@ -1,8 +1,9 @@
 """The embedded tiny base: configs, tokenizer vocabulary and construction.
 
-Until the pretrained weights land (issue 3), ``tiny`` is built from these configs with a fixed seed: the
-same random weights on every machine. Tensor conventions are SD1's: images in [-1, 1], 64 px; latents
-16x16x4 (the VAE downsamples 4x); prompt embeds ``[B, 32, 128]``.
+``tuner pretrain-tiny`` builds the base from these configs; the shipped weights (``tuner/tiny/assets``)
+carry their own configs, and a checkout without them builds random weights from these with a fixed seed.
+Tensor conventions are SD1's: images in [-1, 1], 64 px; latents 16x16x4 (the VAE downsamples 4x; 32x32x4
+with ``--latent-factor 2``); prompt embeds ``[B, 32, 128]``.
 """
 
 from __future__ import annotations

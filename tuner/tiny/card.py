@@ -55,7 +55,8 @@ def write_card(
     lines = [
         "# tuner tiny base",
         "",
-        "A tiny SD1-style latent diffusion model (diffusers classes: AutoencoderKL with 4x downsampling, a",
+        "A tiny SD1-style latent diffusion model (diffusers classes: AutoencoderKL with "
+        f"{settings.get('latent_factor', 4)}x downsampling, a",
         "4-layer 128-wide CLIP text encoder with a word-level tokenizer, a UNet2DConditionModel with",
         "cross-attention) trained from scratch by tuner on the toy world of WORLD.md. It is the embedded",
         "`tiny` base: the main job runs on it with no download.",
