@@ -108,3 +108,23 @@ def test_sdxl_kohya_file_converts_to_peft_and_back(tmp_path):
     assert set(back) == set(first)
     for key, tensor in first.items():
         assert torch.equal(back[key], tensor), key
+
+
+def test_tiny_module_names_follow_the_shipped_base(tmp_path, monkeypatch):
+    """Converting a ``tiny`` kohya file without a base resolves names against the UNet the install ships:
+    a base pretrained with ``--latent-factor 2`` (one more down block) has module names the factor-4
+    config lacks, and its LoRAs must still convert."""
+    import tuner.models.base as base_module
+    from tuner.models.tiny import unet_config
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet_config(2)))
+    monkeypatch.setattr(base_module, "TINY_ASSETS", tmp_path)
+    family_module_keys.cache_clear()
+    try:
+        keys = family_module_keys("tiny")
+    finally:
+        family_module_keys.cache_clear()
+    assert "unet:down_blocks.3.resnets.0.conv1" in keys  # the factor-4 UNet has down blocks 0-2 only
+    assert "unet:down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k" in keys
+    assert not any(k.startswith("unet:down_blocks.0.attentions") for k in keys)  # the new stage has none

@@ -44,9 +44,9 @@ def family_module_keys(family_name: str) -> tuple[str, ...]:
     with torch.device("meta"):
         if family_name in ("tiny", "sd15"):
             if family_name == "tiny":
-                from tuner.models.tiny import UNET_CONFIG, text_encoder_config
+                from tuner.models.tiny import shipped_unet_config, text_encoder_config
 
-                unet_config: dict[str, Any] = dict(UNET_CONFIG)
+                unet_config: dict[str, Any] = shipped_unet_config()
                 text_config = text_encoder_config(1000, 0, 1)
             else:
                 unet_config, text_config = dict(SD15_UNET_CONFIG), dict(SD15_TEXT_CONFIG)
