@@ -2,8 +2,8 @@
 
 Two stages, each resumable from its own checkpoint so the job can run in parts (``--time-limit``):
 
-1. the VAE (4x downsampling, 64 px -> 16x16x4; 2x and 32x32x4 with ``latent_factor = 2``), reconstruction + a small KL term; its latent scaling factor
-   is set to 1 / std of the latents of the world's images;
+1. the VAE (4x downsampling, 64 px -> 16x16x4; 2x and 32x32x4 with ``latent_factor = 2``), reconstruction
+   + a small KL term; its latent scaling factor is set to 1 / std of the latents of the world's images;
 2. the text encoder and the UNet together, on latents of every pretraining scene (cached once: the world
    has a finite set of distinct images) with captions re-drawn every time (size and position phrases each
    dropped with p = 0.3 per WORLD.md, the colour word with ``color_drop`` so that colourless class prompts
