@@ -115,10 +115,13 @@ def test_tiny_module_names_follow_the_shipped_base(tmp_path, monkeypatch):
     a base pretrained with ``--latent-factor 2`` (one more down block) has module names the factor-4
     config lacks, and its LoRAs must still convert."""
     import tuner.models.base as base_module
-    from tuner.models.tiny import unet_config
+    from tuner.models.tiny import text_encoder_config, unet_config, vae_config
 
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet_config(2)))
+    configs = {"unet": unet_config(2), "vae": vae_config(2), "text_encoder": text_encoder_config(256, 0, 1)}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model_index.json").write_text("{}")
     monkeypatch.setattr(base_module, "TINY_ASSETS", tmp_path)
     family_module_keys.cache_clear()
     try:

@@ -44,9 +44,11 @@ def family_module_keys(family_name: str) -> tuple[str, ...]:
     with torch.device("meta"):
         if family_name in ("tiny", "sd15"):
             if family_name == "tiny":
-                from tuner.models.tiny import shipped_unet_config, text_encoder_config
+                from tuner.models.tiny import text_encoder_config
+                from tuner.plan.skeleton import component_configs
 
-                unet_config: dict[str, Any] = shipped_unet_config()
+                # the UNet the install ships (a re-pretrained base may have other blocks), else the built-in one
+                unet_config: dict[str, Any] = component_configs("tiny")[1]["unet"]
                 text_config = text_encoder_config(1000, 0, 1)
             else:
                 unet_config, text_config = dict(SD15_UNET_CONFIG), dict(SD15_TEXT_CONFIG)

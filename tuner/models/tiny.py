@@ -84,22 +84,6 @@ def unet_config(latent_factor: int = 4) -> dict[str, Any]:
     raise ValueError(f"latent_factor = {latent_factor}: expected one of {LATENT_FACTORS}")
 
 
-def shipped_unet_config() -> dict[str, Any]:
-    """The UNet config of the tiny base this install ships (``tuner/tiny/assets/unet/config.json``), or
-    :data:`UNET_CONFIG` in a checkout without those weights: the topology a ``tiny`` LoRA's module names
-    refer to when no base is loaded."""
-    from tuner.errors import TunerError
-    from tuner.models.base import TINY_ASSETS
-
-    path = TINY_ASSETS / "unet" / "config.json"
-    if not path.exists():
-        return dict(UNET_CONFIG)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TunerError(f"cannot read '{path}': {exc}; reinstall tuner to restore the tiny base") from None
-
-
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
