@@ -345,7 +345,8 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     with torch.no_grad():
         pixels = world.scene_pixels(scenes)
         mean, std = _latent_moments(vae, pixels)
-    weights = _object_weights(scenes, s.fg_weight, s.latent_factor) if s.fg_weight > 0 else None
+    # the weights' grid is the latents' (pixels per latent cell: the VAE's factor)
+    weights = _object_weights(scenes, s.fg_weight, world.CANVAS // mean.shape[-1]) if s.fg_weight > 0 else None
     scale = float(vae.config.scaling_factor)
     unet.train()
     te.train()
