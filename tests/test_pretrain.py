@@ -48,24 +48,65 @@ def test_pretrain_pauses_and_resumes(tmp_path):
     assert len(json.loads((tmp_path / "history.json").read_text())["loss"]) == 2
 
 
-def test_pretrain_with_finer_latents_builds_a_base_that_samples(tmp_path):
+def _snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    ab = alphas_cumprod.double()
+    return ab / (1 - ab)
+
+
+def test_shifted_schedule_divides_every_snr_and_loads_in_every_sampler():
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+    from tuner.models.tiny import SCHEDULER_CONFIG, scheduler_config
+
+    assert scheduler_config(1.0) == SCHEDULER_CONFIG
+    reference = _snr(DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod)
+    for cls in (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler):
+        shifted = cls.from_config(scheduler_config(4.0)).alphas_cumprod
+        ratio = _snr(shifted)[:-1] / reference[:-1]
+        assert torch.allclose(ratio, torch.full_like(ratio, 0.25), rtol=1e-4), cls.__name__
+        assert float(shifted[-1]) < 1e-7  # still zero terminal SNR (Euler keeps its 2^-24 guard)
+    with pytest.raises(ValueError, match="snr_shift = -1"):
+        scheduler_config(-1.0)
+
+
+def test_pretrain_with_finer_latents_builds_a_base_that_samples(tmp_path, monkeypatch):
     """``--latent-factor 2``: a 2x VAE (32x32 latents) and a UNet with one more stage train end to end (the
-    UNet's object weights follow the latent size), the base loads from the folder with that factor and
-    samples 64 px images; continuing the run with the other factor is refused, naming the settings file."""
+    UNet's object weights follow the latent size) on the schedule with SNR / 4, which the exported base
+    carries; the base loads from the folder with that factor and samples 64 px images; continuing the run
+    with the other factor, or another SNR shift, is refused, naming the settings file."""
+    import tuner.train.objective as objective
     from tuner.errors import TunerError
     from tuner.models.base import load_base
+    from tuner.models.tiny import SCHEDULER_CONFIG
     from tuner.sample.sampler import SampleSettings, sample_images
 
+    trained_on = []
+    real_add_noise = objective.add_noise
+
+    def recording_add_noise(latents, noise_scheduler, generator, **kw):
+        trained_on.append(noise_scheduler.alphas_cumprod.clone())
+        return real_add_noise(latents, noise_scheduler, generator, **kw)
+
+    monkeypatch.setattr(objective, "add_noise", recording_add_noise)
     settings = PretrainSettings(vae_steps=1, vae_batch=2, steps=1, batch=2, scene_limit=16, latent_factor=2)
     final = pretrain_tiny(tmp_path, settings, log=lambda *_: None)
+    assert json.loads((tmp_path / "settings.json").read_text())["snr_shift"] == 4.0
     base = load_base(str(final))
     assert base.vae_scale_factor == 2 and base.unet.config.sample_size == 32
     assert len(base.unet.config.block_out_channels) == 4
+    from diffusers import DDPMScheduler
+
+    exported = DDPMScheduler.from_config(base.scheduler_config).alphas_cumprod
+    assert len(trained_on) == 1 and torch.equal(trained_on[0], exported)
+    ratio = _snr(exported)[:-1] / _snr(DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod)[:-1]
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.25), rtol=1e-4)
     (image,) = sample_images(base, ["a red circle on a blue background"], [0], SampleSettings(steps=2))
     assert image.size == (64, 64)
+    small = dict(vae_steps=1, vae_batch=2, steps=1, batch=2, scene_limit=16)
     with pytest.raises(TunerError, match=r"settings\.json.*latent_factor = 2, not 4.*--latent-factor 2"):
-        pretrain_tiny(tmp_path, PretrainSettings(vae_steps=1, vae_batch=2, steps=1, batch=2, scene_limit=16),
-                      log=lambda *_: None)
+        pretrain_tiny(tmp_path, PretrainSettings(**small), log=lambda *_: None)
+    with pytest.raises(TunerError, match=r"settings\.json.*snr_shift = 4.0, not 1.0.*--snr-shift 4"):
+        pretrain_tiny(tmp_path, PretrainSettings(**small, latent_factor=2, snr_shift=1.0), log=lambda *_: None)
 
 
 def test_pretrain_command_smoke(tmp_path, monkeypatch):

@@ -375,7 +375,7 @@ def _pretrain_settings(args: argparse.Namespace):
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch_size,
         decoder_steps=args.decoder_steps, fg_weight=args.fg_weight, color_drop=args.color_drop,
         vae_augment=args.vae_augment, vae_fg_weight=args.vae_fg_weight, latent_factor=args.latent_factor,
-        time_limit_min=args.time_limit, share_cpu=args.share_cpu, scene_limit=args.scene_limit,
+        snr_shift=args.snr_shift, time_limit_min=args.time_limit, share_cpu=args.share_cpu, scene_limit=args.scene_limit,
     )
 
 
@@ -386,12 +386,12 @@ def _finish_pretrain(args: argparse.Namespace, started: float) -> int:
 
     from tuner.models.base import TINY_ASSETS
     from tuner.tiny.card import evaluate_and_install
-    from tuner.tiny.pretrain import wall_minutes
+    from tuner.tiny.pretrain import resolved, wall_minutes
 
     final = Path(args.out) / "final"
     if not (final / "model_index.json").exists():
         return _paused(args)
-    settings = _pretrain_settings(args)
+    settings = resolved(_pretrain_settings(args))
     evaluate_and_install(
         final, settings=asdict(settings), minutes=wall_minutes(args.out) or (time.perf_counter() - started) / 60,
         command=(f"tuner pretrain-tiny --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} "
@@ -399,6 +399,7 @@ def _finish_pretrain(args: argparse.Namespace, started: float) -> int:
                  f"--vae-augment {args.vae_augment:g} --vae-fg-weight {args.vae_fg_weight:g} "
                  f"--batch-size {args.batch_size} "
                  + (f"--latent-factor {args.latent_factor} " if args.latent_factor != 4 else "")
+                 + (f"--snr-shift {args.snr_shift:g} " if args.snr_shift else "")
                  + (f"--processes {args.processes} " if args.processes > 1 else "")
                  + f"--seed {args.seed}" + (" --install" if args.install else "")),
         assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
@@ -591,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels per latent cell: 4 = the shipped base's 16x16 latents; 2 = 32x32 latents (a VAE "
                         "with one downsampling fewer and a UNet with one more stage, about 1.2x the time per "
                         "UNet step), which keep the small sks star's white centre")
+    p.add_argument("--snr-shift", type=float, default=0.0, metavar="S",
+                   help="divide the noise schedule's signal-to-noise ratio by S; 0 (default) = by the ratio of "
+                        "latent cells to the 16x16 base's: 1 for --latent-factor 4, 4 for 2 (a 32x32 UNet "
+                        "otherwise takes the object's position from the noise, not the prompt)")
     p.add_argument("--decoder-steps", type=int, default=0,
                    help="optional third stage: fine-tune the VAE decoder alone on the frozen encoder's latents, "
                         "half of them world geometry in free colours (the UNet stays valid); 0 skips it. "

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,10 @@ class PretrainSettings:
     """Pixels per latent cell, 4 (the shipped base: 16x16x4 latents) or 2 (32x32x4, a UNet with one more
     stage; :func:`tuner.models.tiny.unet_config`). With 4 the small sks star, a 20 px hexagram, is 5 latent
     cells across and its white centre is lost in half of the VAE's round trips."""
+    snr_shift: float = 0.0
+    """Divide the noise schedule's SNR by this (:func:`tuner.models.tiny.scheduler_config`); 0 = by the ratio
+    of latent cells to the shipped base's, ``(latent_factor / 4)^-2``: 1 for factor 4, 4 for factor 2. Without
+    it a 32x32-latent UNet takes the object's position from the noise, not the prompt."""
     decoder_steps: int = 0
     """Stage 3: fine-tune the VAE decoder alone on the frozen encoder's latents (the UNet's latent space does
     not change, so the denoiser stays valid); sharpens small shapes. 0 = skip."""
@@ -317,9 +321,10 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tuner.models.prompts import tokenize
-    from tuner.models.tiny import SCHEDULER_CONFIG, build_tokenizer, text_encoder_config, unet_config
+    from tuner.models.tiny import build_tokenizer, scheduler_config, text_encoder_config, unet_config
     from tuner.train.objective import add_noise, diffusion_loss, target_for
 
+    s = resolved(s)
     tokenizer = build_tokenizer()
     torch.manual_seed(s.seed + 1)
     unet = UNet2DConditionModel(**unet_config(s.latent_factor))
@@ -329,7 +334,7 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     broadcast_parameters(params, shard.world)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01)
-    sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    sched = DDPMScheduler.from_config(scheduler_config(s.snr_shift))
     rng = np.random.default_rng(s.seed + 2)
     step, history = 0, {"loss": []}
     state = _load(out / STATE_UNET)
@@ -506,10 +511,17 @@ def _check_same_architecture(out: Path, s: PretrainSettings) -> None:
     path = out / "settings.json"
     if not path.exists():
         return
-    before = json.loads(path.read_text()).get("latent_factor", 4)
-    if before != s.latent_factor:
-        raise TunerError(f"{path}: this run was started with latent_factor = {before}, not {s.latent_factor}; "
-                         f"continue it with --latent-factor {before}, or start a new one in another --out folder")
+    started = json.loads(path.read_text())
+    for key, flag, default in (("latent_factor", "--latent-factor", 4), ("snr_shift", "--snr-shift", 1.0)):
+        before, now = started.get(key, default), getattr(s, key)
+        if before != now:
+            raise TunerError(f"{path}: this run was started with {key} = {before}, not {now}; continue it with "
+                             f"{flag} {before:g}, or start a new one in another --out folder")
+
+
+def resolved(s: PretrainSettings) -> PretrainSettings:
+    """``s`` with ``snr_shift`` 0 (automatic) replaced by its value for ``latent_factor``."""
+    return replace(s, snr_shift=s.snr_shift or (4 / s.latent_factor) ** 2)
 
 
 def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log=print) -> Path | None:
@@ -517,9 +529,9 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
     None when the time limit paused it (run again with the same ``out`` to continue)."""
     from tuner.models.base import BaseModel, export_base
     from tuner.models.families import TINY
-    from tuner.models.tiny import SCHEDULER_CONFIG, build_tokenizer
+    from tuner.models.tiny import build_tokenizer, scheduler_config
 
-    s = settings or PretrainSettings()
+    s = resolved(settings or PretrainSettings())
     out = Path(out)
     final = out / "final"
     shard = local_shard()
@@ -562,7 +574,7 @@ def pretrain_tiny(out: str | Path, settings: PretrainSettings | None = None, log
     if not shard.is_main:
         return final  # the main process writes it
     base = BaseModel(family=TINY, unet=unet, vae=vae, text_encoder=te, tokenizer=build_tokenizer(),
-                     scheduler_config=dict(SCHEDULER_CONFIG), source=str(final))
+                     scheduler_config=scheduler_config(s.snr_shift), source=str(final))
     export_base(base, final)
     write_text_atomic(out / "history.json", json.dumps(history))
     part = (time.perf_counter() - started) / 60
