@@ -502,7 +502,8 @@ def finetune_decoder(out: Path, s: PretrainSettings, scenes: list[world.Scene], 
 
 def _check_same_architecture(out: Path, s: PretrainSettings) -> None:
     """Refuse to continue a run in ``out`` that was started with another ``latent_factor`` (its checkpoints
-    hold the other architecture's weights)."""
+    hold the other architecture's weights) or ``snr_shift`` (they learned another noise schedule); runs
+    from before the shift existed count as 1."""
     from tuner.errors import TunerError
     from tuner.models.tiny import LATENT_FACTORS
 
