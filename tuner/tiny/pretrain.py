@@ -316,7 +316,8 @@ def train_vae(out: Path, s: PretrainSettings, scenes: list[world.Scene], clock: 
 
 def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], vae, clock: _Clock, log=print,
                    shard: Shard = Shard()):
-    """Stage 2: text encoder + UNet. Returns (unet_ema, text_encoder_ema, history) or None when paused."""
+    """Stage 2: text encoder + UNet (``s`` as :func:`resolved` gives it, as :func:`pretrain_tiny` passes it).
+    Returns (unet_ema, text_encoder_ema, history) or None when paused."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -324,7 +325,6 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     from tuner.models.tiny import build_tokenizer, scheduler_config, text_encoder_config, unet_config
     from tuner.train.objective import add_noise, diffusion_loss, target_for
 
-    s = resolved(s)
     tokenizer = build_tokenizer()
     torch.manual_seed(s.seed + 1)
     unet = UNet2DConditionModel(**unet_config(s.latent_factor))
