@@ -109,6 +109,45 @@ def test_pretrain_with_finer_latents_builds_a_base_that_samples(tmp_path, monkey
         pretrain_tiny(tmp_path, PretrainSettings(**small, latent_factor=2, snr_shift=1.0), log=lambda *_: None)
 
 
+def test_unet_counterparts_of_a_factor_2_unet_in_a_factor_4_one():
+    from tuner.tiny.pretrain import unet_counterpart
+
+    assert unet_counterpart("down_blocks.1.attentions.0.proj_in.weight", 4, 2) == "down_blocks.0.attentions.0.proj_in.weight"
+    assert unet_counterpart("down_blocks.3.resnets.0.conv1.weight", 4, 2) == "down_blocks.2.resnets.0.conv1.weight"
+    assert unet_counterpart("down_blocks.0.resnets.0.conv1.weight", 4, 2) == "down_blocks.-1.resnets.0.conv1.weight"
+    for name in ("up_blocks.2.resnets.0.conv1.weight", "mid_block.attentions.0.proj_out.weight", "conv_in.weight"):
+        assert unet_counterpart(name, 4, 2) == name
+    assert unet_counterpart("down_blocks.1.resnets.0.conv1.weight", 4, 4) == "down_blocks.1.resnets.0.conv1.weight"
+
+
+def test_pretrain_from_the_embedded_base_starts_from_its_weights(tmp_path):
+    """``--init-from tiny`` with ``--latent-factor 2``: the text encoder and the factor-4 UNet's stages (now the
+    inner ones) start from the embedded base. With a learning rate of 0 nothing moves, so the exported base
+    still holds them exactly; the new outer stage is not the base's; a base of another family is refused."""
+    from tuner.errors import TunerError
+    from tuner.models.base import load_base
+
+    settings = PretrainSettings(vae_steps=1, vae_batch=2, steps=1, batch=2, scene_limit=16, latent_factor=2, lr=0.0,
+                                init_from="tiny")
+    lines = []
+    final = pretrain_tiny(tmp_path, settings, log=lines.append)
+    assert any("start from tiny (latent factor 4): the text encoder whole, 311 of 364 UNet tensors" in str(line)
+               for line in lines), lines
+    shipped, ours = load_base("tiny"), load_base(str(final))
+    for name, value in shipped.text_encoder.state_dict().items():
+        assert torch.equal(ours.text_encoder.state_dict()[name], value), name
+    theirs, mine = shipped.unet.state_dict(), ours.unet.state_dict()
+    for name in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", "mid_block.resnets.0.conv1.weight",
+                 "up_blocks.1.attentions.0.proj_out.weight", "time_embedding.linear_2.weight"):
+        twin = name.replace("down_blocks.0.", "down_blocks.1.")
+        assert torch.equal(mine[twin], theirs[name]), name
+    assert mine["conv_in.weight"].shape != theirs["conv_in.weight"].shape
+    assert not torch.equal(mine["up_blocks.2.resnets.1.conv1.weight"][:, :64], theirs["up_blocks.2.resnets.1.conv1.weight"][:, :64])
+    with pytest.raises(TunerError, match="--init-from .*sd15"):
+        pretrain_tiny(tmp_path / "other", PretrainSettings(**{**settings.__dict__, "init_from": str(tmp_path / "sd15")}),
+                      log=lambda *_: None)
+
+
 def test_pretrain_command_smoke(tmp_path, monkeypatch):
     import tuner.tiny.pretrain as pretrain
 

@@ -376,6 +376,7 @@ def _pretrain_settings(args: argparse.Namespace):
         decoder_steps=args.decoder_steps, fg_weight=args.fg_weight, color_drop=args.color_drop,
         vae_augment=args.vae_augment, vae_fg_weight=args.vae_fg_weight, latent_factor=args.latent_factor,
         snr_shift=args.snr_shift, time_limit_min=args.time_limit, share_cpu=args.share_cpu, scene_limit=args.scene_limit,
+        init_from=args.init_from,
     )
 
 
@@ -400,6 +401,7 @@ def _finish_pretrain(args: argparse.Namespace, started: float) -> int:
                  f"--batch-size {args.batch_size} "
                  + (f"--latent-factor {args.latent_factor} " if args.latent_factor != 4 else "")
                  + (f"--snr-shift {args.snr_shift:g} " if args.snr_shift else "")
+                 + (f"--init-from {args.init_from} " if args.init_from else "")
                  + (f"--processes {args.processes} " if args.processes > 1 else "")
                  + f"--seed {args.seed}" + (" --install" if args.install else "")),
         assets_dir=TINY_ASSETS if args.install else None, n_seen=args.eval_n, n_heldout=max(8, args.eval_n // 3),
@@ -596,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the noise schedule's signal-to-noise ratio by S; 0 (default) = by the ratio of "
                         "latent cells to the 16x16 base's: 1 for --latent-factor 4, 4 for 2 (a 32x32 UNet "
                         "otherwise takes the object's position from the noise, not the prompt)")
+    p.add_argument("--init-from", default="", metavar="BASE",
+                   help="start the UNet and text encoder from this tiny base (tiny = the embedded one, or a folder "
+                        "pretrain-tiny wrote) instead of random weights: every tensor with a same-shaped "
+                        "counterpart is copied (a factor-4 base's stages are a factor-2 UNet's inner ones)")
     p.add_argument("--decoder-steps", type=int, default=0,
                    help="optional third stage: fine-tune the VAE decoder alone on the frozen encoder's latents, "
                         "half of them world geometry in free colours (the UNet stays valid); 0 skips it. "

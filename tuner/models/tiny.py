@@ -78,7 +78,10 @@ def unet_config(latent_factor: int = 4) -> dict[str, Any]:
     if latent_factor == 4:
         return dict(UNET_CONFIG)
     if latent_factor == 2:
+        # the time embedding keeps the factor-4 width (4x its first stage's), so that every block of a
+        # factor-4 base fits the inner stages (``tuner pretrain-tiny --init-from``)
         return dict(UNET_CONFIG, sample_size=32, block_out_channels=[32, *UNET_CONFIG["block_out_channels"]],
+                    time_embedding_dim=4 * UNET_CONFIG["block_out_channels"][0],
                     down_block_types=["DownBlock2D", *UNET_CONFIG["down_block_types"]],
                     up_block_types=[*UNET_CONFIG["up_block_types"], "UpBlock2D"])
     raise ValueError(f"latent_factor = {latent_factor}: expected one of {LATENT_FACTORS}")

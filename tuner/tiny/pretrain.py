@@ -82,6 +82,12 @@ class PretrainSettings:
     """Divide the noise schedule's SNR by this (:func:`tuner.models.tiny.scheduler_config`); 0 = by the ratio
     of latent cells to the shipped base's, ``(latent_factor / 4)^-2``: 1 for factor 4, 4 for factor 2. Without
     it a 32x32-latent UNet takes the object's position from the noise, not the prompt."""
+    init_from: str = ""
+    """A tiny base (a diffusers folder, or ``tiny`` for the embedded one) whose text encoder and UNet start
+    stage 2 instead of random weights: every UNet tensor that has a counterpart of the same shape (a factor-4
+    base's stages are the inner stages of a factor-2 UNet) is copied; the rest, and the VAE, start fresh.
+    What the first factor-2 bases learned last and worst from scratch (position from the prompt) the
+    factor-4 base already knows. "" = from scratch."""
     decoder_steps: int = 0
     """Stage 3: fine-tune the VAE decoder alone on the frozen encoder's latents (the UNet's latent space does
     not change, so the denoiser stays valid); sharpens small shapes. 0 = skip."""
@@ -330,6 +336,8 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     unet = UNet2DConditionModel(**unet_config(s.latent_factor))
     te = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id,
                                                             tokenizer.eos_token_id)))
+    if s.init_from:
+        log(init_from_base(unet, te, s.init_from, s.latent_factor))
     params = list(unet.parameters()) + list(te.parameters())
     broadcast_parameters(params, shard.world)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
@@ -399,6 +407,52 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
                 return None
     bar.close()
     return ema_unet.eval(), ema_te.eval(), history
+
+
+def unet_counterpart(name: str, from_factor: int, to_factor: int) -> str:
+    """The name in a ``from_factor`` tiny UNet of the tensor ``name`` of a ``to_factor`` one. A factor-2 UNet
+    is a factor-4 one with a stage in front: its down block ``i + 1`` is the factor-4 down block ``i``; the
+    up blocks keep their numbers (the new one comes last); everything else keeps its name."""
+    shift = int(round(math.log2(from_factor / to_factor)))
+    if shift and name.startswith("down_blocks."):
+        index, rest = name[len("down_blocks."):].split(".", 1)
+        return f"down_blocks.{int(index) - shift}.{rest}"
+    return name
+
+
+def init_from_base(unet, te, source: str, latent_factor: int) -> str:
+    """Copy ``source``'s text encoder (all of it) and every UNet tensor with a same-shaped counterpart
+    (:func:`unet_counterpart`) into ``unet`` and ``te``; returns a line saying how much was copied."""
+    from tuner.errors import TunerError
+    from tuner.models.base import load_base
+    from tuner.models.families import TINY
+
+    try:
+        base = load_base(source)
+    except TunerError as err:
+        raise TunerError(f"--init-from {source}: {err}") from err
+    if base.family is not TINY:
+        raise TunerError(f"--init-from {source}: a {base.family.name} base, not a tiny one; start from a tiny base "
+                         "(tiny, or a folder tuner pretrain-tiny wrote)")
+    from_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    their_te = base.text_encoder.state_dict()
+    ours_te = te.state_dict()
+    wrong = [k for k, v in ours_te.items() if k not in their_te or their_te[k].shape != v.shape]
+    if wrong:
+        raise TunerError(f"--init-from {source}: its text encoder does not match the tiny one ({wrong[0]} differs); "
+                         "start from a tiny base that tuner pretrain-tiny wrote")
+    te.load_state_dict(their_te)
+    theirs = base.unet.state_dict()
+    ours = unet.state_dict()
+    copied = {}
+    for name, value in ours.items():
+        other = theirs.get(unet_counterpart(name, from_factor, latent_factor))
+        if other is not None and other.shape == value.shape:
+            copied[name] = other
+    unet.load_state_dict(copied, strict=False)
+    share = sum(v.numel() for v in copied.values()) / sum(v.numel() for v in ours.values())
+    return (f"UNet and text encoder start from {source} (latent factor {from_factor}): the text encoder whole, "
+            f"{len(copied)} of {len(ours)} UNet tensors ({share:.0%} of its weights); the rest start random")
 
 
 def codec_augment(rng: np.random.Generator, n: int, *, with_masks: bool = False):
