@@ -292,3 +292,14 @@ def test_two_processes_pretrain_like_one(tmp_path):
     assert len(losses[1]) == 2 and all(abs(x - y) < 1e-5 for x, y in zip(*losses))
     card = (two / "final" / "MODEL_CARD.md").read_text()
     assert "--processes 2" in card and json.loads((two / "wall_minutes.json").read_text())
+
+
+def test_base_card_says_where_a_warm_started_base_began(tmp_path):
+    from tuner.tiny.card import write_card
+
+    common = dict(history={"loss": [0.1]}, minutes=100, command="tuner pretrain-tiny", evals={})
+    scratch = write_card(tmp_path, settings={"latent_factor": 4, "snr_shift": 1.0}, **common).read_text()
+    assert "trained from scratch by tuner" in scratch and "started from" not in scratch and "divided" not in scratch
+    warm = write_card(tmp_path, settings={"latent_factor": 2, "snr_shift": 4.0, "init_from": "tiny"}, **common).read_text()
+    assert "cross-attention) trained by tuner" in warm and "Its text encoder and UNet started from the tiny base `tiny`" in warm
+    assert "with every SNR divided by 4" in warm and "starting base's own training not counted" in warm

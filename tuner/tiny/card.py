@@ -58,8 +58,12 @@ def write_card(
         "A tiny SD1-style latent diffusion model (diffusers classes: AutoencoderKL with "
         f"{settings.get('latent_factor', 4)}x downsampling, a",
         "4-layer 128-wide CLIP text encoder with a word-level tokenizer, a UNet2DConditionModel with",
-        "cross-attention) trained from scratch by tuner on the toy world of WORLD.md. It is the embedded",
-        "`tiny` base: the main job runs on it with no download.",
+        "cross-attention) trained " + ("" if (init := settings.get("init_from")) else "from scratch ")
+        + "by tuner on the toy world of WORLD.md. It is the embedded",
+        "`tiny` base: the main job runs on it with no download."
+        + (f" Its text encoder and UNet started from the tiny base `{init}` (every UNet tensor with a same-shaped"
+           " counterpart; that base was itself trained from scratch by tuner on the same world), its VAE from"
+           " random weights." if init else ""),
         "",
         "## Data",
         "Every distinct scene of the world's pretraining split (one object on a solid background, 64 px;",
@@ -77,14 +81,17 @@ def write_card(
         + (f", {100 * aug:g}% of its images world geometry in free colours with nested shapes"
            if (aug := settings.get("vae_augment")) else "")
         + "; then the text encoder and",
-        "  UNet on v-prediction over a zero-terminal-SNR scaled-linear schedule (the noisiest step holds no",
+        "  UNet on v-prediction over a zero-terminal-SNR scaled-linear schedule"
+        + (f" with every SNR divided by {shift:g}" if (shift := settings.get("snr_shift", 1.0)) != 1.0 else "")
+        + " (the noisiest step holds no",
         "  signal, so the layout must come from the prompt), "
         + (f"MSE with latent pixels under the object weighted {1 + fg:g}x" if (fg := settings.get("fg_weight"))
            else "plain MSE")
         + "; an EMA of the weights"
         f" (decay {settings.get('ema_decay')}) ships",
         f"- UNet + text encoder steps: {len(losses)}; mean loss of the last 200 steps: {tail:.4f}",
-        f"- wall time: {minutes:.0f} min on 2 CPU cores",
+        f"- wall time: {minutes:.0f} min on 2 CPU cores"
+        + (" (this run; the starting base's own training not counted)" if init else ""),
         f"- weights shipped (bytes): {json.dumps(sizes, sort_keys=True)}",
         "",
         "## Quality (tuner eval: DDIM 25 steps, CFG 5, EMA weights, judged from pixels)",
