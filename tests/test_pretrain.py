@@ -133,6 +133,9 @@ def test_pretrain_from_the_embedded_base_starts_from_its_weights(tmp_path):
     final = pretrain_tiny(tmp_path, settings, log=lines.append)
     assert any("start from tiny (latent factor 4): the text encoder whole, 311 of 364 UNet tensors" in str(line)
                for line in lines), lines
+    again = []
+    pretrain_tiny(tmp_path, settings, log=again.append)  # continuing: the checkpoint's weights, no second copy
+    assert not any("start from" in str(line) for line in again) and any("resumed at step 1" in str(line) for line in again)
     shipped, ours = load_base("tiny"), load_base(str(final))
     for name, value in shipped.text_encoder.state_dict().items():
         assert torch.equal(ours.text_encoder.state_dict()[name], value), name

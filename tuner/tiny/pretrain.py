@@ -336,7 +336,8 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     unet = UNet2DConditionModel(**unet_config(s.latent_factor))
     te = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id,
                                                             tokenizer.eos_token_id)))
-    if s.init_from:
+    state = _load(out / STATE_UNET)
+    if s.init_from and not state:  # a resumed run's checkpoint replaces these weights anyway
         log(init_from_base(unet, te, s.init_from, s.latent_factor))
     params = list(unet.parameters()) + list(te.parameters())
     broadcast_parameters(params, shard.world)
@@ -345,7 +346,6 @@ def train_denoiser(out: Path, s: PretrainSettings, scenes: list[world.Scene], va
     sched = DDPMScheduler.from_config(scheduler_config(s.snr_shift))
     rng = np.random.default_rng(s.seed + 2)
     step, history = 0, {"loss": []}
-    state = _load(out / STATE_UNET)
     if state:
         unet.load_state_dict(state["unet"])
         te.load_state_dict(state["te"])
@@ -434,7 +434,7 @@ def init_from_base(unet, te, source: str, latent_factor: int) -> str:
     if base.family is not TINY:
         raise TunerError(f"--init-from {source}: a {base.family.name} base, not a tiny one; start from a tiny base "
                          "(tiny, or a folder tuner pretrain-tiny wrote)")
-    from_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    from_factor = base.vae_scale_factor
     their_te = base.text_encoder.state_dict()
     ours_te = te.state_dict()
     wrong = [k for k, v in ours_te.items() if k not in their_te or their_te[k].shape != v.shape]
